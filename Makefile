@@ -1,0 +1,19 @@
+# Two entry points: `make demo` (the whole data-free distillation on scikit-learn's digits) and `make test`.
+# Each installs the environment on first use through tools/install.sh.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_ARGS ?=
+
+.PHONY: install demo test lint
+
+install:
+	bash tools/install.sh
+
+demo: install
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) scripts/digits_demo.py $(DEMO_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
