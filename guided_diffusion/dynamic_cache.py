@@ -1,0 +1,131 @@
+"""Dynamic-batch cache files in the DKDM authors' layout, read without running arbitrary pickle code.
+
+A cache is a pickled ``collections.defaultdict`` with ``total_t`` (int64 [N]) and ``total_x_t_1``
+(float32 [N, C, H, W]). Item ``i`` holds the teacher state produced by its step at ``total_t[i]``;
+its next teacher step is at ``total_t[i] - 1`` (``T`` = fresh noise, ``0`` = a clean sample).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import tempfile
+
+import numpy as np
+
+CACHE_KEYS = ("total_t", "total_x_t_1")
+
+
+class CacheError(Exception):
+    """A cache file is missing, corrupt, refused by the safe loader, or holds inconsistent arrays."""
+
+
+def _numpy_multiarray():
+    """numpy's C multiarray module under whichever name this numpy uses (2.x: ``_core``, 1.x: ``core``)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    return multiarray
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """Exactly the globals the authors' caches reference, under numpy 1.x and 2.x module paths."""
+    multiarray = _numpy_multiarray()
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "defaultdict"): collections.defaultdict,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    return allowed
+
+
+class _CacheUnpickler(pickle.Unpickler):
+    """Unpickler whose ``find_class`` resolves only the cache layout's globals and refuses all others."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self._path = path
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise CacheError(
+                f"{self._path}: refused to load global '{module}.{name}' (not part of a DKDM cache file)"
+            ) from None
+
+    def persistent_load(self, pid):
+        raise CacheError(f"{self._path}: refused persistent id in cache file")
+
+
+def validate_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray, T: int | None = None) -> None:
+    """Check dtypes, shapes and (given ``T``) the step range 0..T; raise CacheError naming ``path``."""
+    if not isinstance(total_t, np.ndarray) or not isinstance(total_x_t_1, np.ndarray):
+        raise CacheError(f"{path}: total_t and total_x_t_1 must be numpy arrays")
+    if total_t.ndim != 1 or total_t.dtype.kind not in "iu":
+        raise CacheError(f"{path}: total_t must be a 1-D integer array, got {total_t.dtype} {total_t.shape}")
+    if total_x_t_1.ndim != 4 or total_x_t_1.dtype.kind != "f":
+        raise CacheError(
+            f"{path}: total_x_t_1 must be a 4-D float array [N,C,H,W], got {total_x_t_1.dtype} "
+            f"{total_x_t_1.shape}"
+        )
+    if total_t.shape[0] != total_x_t_1.shape[0]:
+        raise CacheError(
+            f"{path}: total_t has {total_t.shape[0]} items but total_x_t_1 has {total_x_t_1.shape[0]}"
+        )
+    if T is not None and total_t.size and (total_t.min() < 0 or total_t.max() > T):
+        raise CacheError(
+            f"{path}: total_t values span [{total_t.min()}, {total_t.max()}], outside 0..{T} for T={T}"
+        )
+
+
+def load_cache(path: str, T: int | None = None) -> dict[str, np.ndarray]:
+    """Load a DKDM cache safely (restricted unpickler) and return ``{'total_t', 'total_x_t_1'}`` arrays."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            obj = _CacheUnpickler(f, path).load()
+    except CacheError:
+        raise
+    except FileNotFoundError:
+        raise CacheError(f"{path}: cache file not found") from None
+    except Exception as exc:  # any unpickling failure of a truncated/corrupt file
+        raise CacheError(f"{path}: corrupt or truncated cache file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise CacheError(f"{path}: expected a dict of arrays, found {type(obj).__name__}")
+    missing = [k for k in CACHE_KEYS if k not in obj]
+    if missing:
+        raise CacheError(f"{path}: missing key(s) {missing}; found {sorted(map(str, obj))}")
+    total_t, total_x_t_1 = obj["total_t"], obj["total_x_t_1"]
+    validate_cache(path, total_t, total_x_t_1, T)
+    return {"total_t": total_t.astype(np.int64, copy=False), "total_x_t_1": total_x_t_1}
+
+
+def save_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray) -> None:
+    """Write a cache in the authors' layout (pickled defaultdict, numpy's own pickling), atomically."""
+    path = os.fspath(path)
+    total_t = np.ascontiguousarray(np.asarray(total_t), dtype=np.int64)
+    total_x_t_1 = np.ascontiguousarray(np.asarray(total_x_t_1), dtype=np.float32)
+    validate_cache(path, total_t, total_x_t_1)
+    payload = collections.defaultdict(None)
+    payload["total_t"] = total_t
+    payload["total_x_t_1"] = total_x_t_1
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".cache", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(payload, f, protocol=4)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

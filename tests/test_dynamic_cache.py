@@ -1,0 +1,113 @@
+"""The safe cache loader: the authors' files load, ours round-trip, malicious or broken files are refused."""
+
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guided_diffusion.dynamic_cache import CacheError, load_cache, save_cache
+
+REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+if not REF.exists():
+    REF = Path("/work/shared/reference")
+
+
+def _numpy1_layout(tmp_path: Path) -> Path:
+    """The numpy-1.x-path reference file with its string length byte and frame length made consistent.
+
+    shared/reference/cache_numpy1.cache was made by replacing ``numpy._core`` with ``numpy.core`` in the
+    bytes without shortening the SHORT_BINUNICODE length (0x16 for 21 characters), so even stock pickle
+    cannot read it; a file numpy 1.x really writes carries 0x15 and one byte less in the frame.
+    """
+    data = bytearray((REF / "cache_numpy1.cache").read_bytes())
+    assert data.count(b"\x8c\x16numpy.core.multiarray") == 1
+    data = data.replace(b"\x8c\x16numpy.core.multiarray", b"\x8c\x15numpy.core.multiarray")
+    frame = struct.unpack("<Q", data[3:11])[0]
+    data[3:11] = struct.pack("<Q", frame - 1)
+    path = tmp_path / "numpy1.cache"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("numpy_major", [1, 2])
+def test_authors_cache_loads_and_matches_expected(numpy_major, tmp_path):
+    path = _numpy1_layout(tmp_path) if numpy_major == 1 else REF / "cache_numpy2.cache"
+    assert (b"numpy.core.multiarray" if numpy_major == 1 else b"numpy._core.multiarray") in path.read_bytes()
+    got = load_cache(path, T=1000)
+    expected = np.load(REF / "cache_expected.npz")
+    assert got["total_t"].dtype == np.int64 and got["total_x_t_1"].dtype == np.float32
+    np.testing.assert_array_equal(got["total_t"], expected["total_t"])
+    np.testing.assert_array_equal(got["total_x_t_1"], expected["total_x_t_1"])
+
+
+def test_malformed_reference_numpy1_file_is_one_line_error():
+    with pytest.raises(CacheError) as info:
+        load_cache(REF / "cache_numpy1.cache")
+    assert "cache_numpy1.cache" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_round_trip_and_authors_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 50, size=7)
+    x = rng.standard_normal((7, 3, 8, 8)).astype(np.float32)
+    path = tmp_path / "sub" / "pool.cache"
+    save_cache(path, t, x)
+    got = load_cache(path, T=50)
+    np.testing.assert_array_equal(got["total_t"], t)
+    np.testing.assert_array_equal(got["total_x_t_1"], x)
+    with open(path, "rb") as f:  # our own file, read with plain pickle like the authors' tools do
+        raw = pickle.load(f)
+    assert type(raw).__name__ == "defaultdict" and raw.default_factory is None
+    assert sorted(raw) == ["total_t", "total_x_t_1"]
+    assert [p.name for p in path.parent.iterdir()] == ["pool.cache"]  # no temp file left behind
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_running_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.cache"
+    with open(path, "wb") as f:
+        pickle.dump({"total_t": _Evil(marker), "total_x_t_1": np.zeros((1, 3, 2, 2), np.float32)}, f)
+    with pytest.raises(CacheError, match=r"evil\.cache.*refused.*(posix|os|nt)\.system"):
+        load_cache(path)
+    assert not marker.exists()
+
+
+def test_truncated_cache_is_one_line_error(tmp_path):
+    path = tmp_path / "cut.cache"
+    save_cache(path, np.arange(4), np.zeros((4, 3, 4, 4), np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError) as info:
+        load_cache(path)
+    msg = str(info.value)
+    assert "cut.cache" in msg and "\n" not in msg
+
+
+def test_inconsistent_arrays_and_range(tmp_path):
+    path = tmp_path / "bad.cache"
+    with pytest.raises(CacheError, match="3 items"):
+        save_cache(path, np.arange(3), np.zeros((4, 3, 2, 2), np.float32))
+    save_cache(path, np.array([0, 5, 11]), np.zeros((3, 3, 2, 2), np.float32))
+    with pytest.raises(CacheError, match="outside 0..10"):
+        load_cache(path, T=10)
+    with pytest.raises(CacheError, match="not found"):
+        load_cache(tmp_path / "nope.cache")
+
+
+def test_missing_key_is_refused(tmp_path):
+    path = tmp_path / "partial.cache"
+    with open(path, "wb") as f:
+        pickle.dump({"total_t": np.arange(3)}, f)
+    with pytest.raises(CacheError, match="missing key"):
+        load_cache(path)
