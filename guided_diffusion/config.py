@@ -1,0 +1,434 @@
+"""Experiment configs: load a YAML, merge its arch and diffusion files, fill defaults, validate early.
+
+A flat YAML (baseline training, teacher sampling) gives one flat config. A KD YAML (top-level `teacher:` and
+`student:`) gives `cfg.teacher` and `cfg.student`, each flat. In every section the arch file (`model:`) and
+the diffusion file (`diffusion:`) come first, the section's own keys on top, then the defaults below fill
+what is still missing. Optional method sections (`tccd:`, `relational:`, `step_distill:`) get the defaults
+of the module that owns them. Every problem is a `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema. Model/diffusion keys and their defaults come from script_util.model_and_diffusion_defaults().
+
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "use_ddim": False,
+    "clip_denoised": True,
+    "clip_last": False,
+    "clip_first": False,
+    "num_samples": 10000,
+    "batch_size": 1,
+}
+
+TRAINING_DEFAULTS: dict[str, Any] = {
+    # guided-diffusion's training flags
+    "schedule_sampler": "uniform",
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "lr_anneal_steps": 0,
+    "batch_size": 1,
+    "microbatch": -1,
+    "ema_rate": "0.9999",
+    "resume_checkpoint": "",
+    "use_fp16": False,
+    "fp16_scale_growth": 1e-3,
+    "model_path": "",
+    "log_interval": 10,
+    "save_interval": 10000,
+    "cache_save_interval": -1,
+    "data_dir": "",
+    # our additions
+    "seed": 0,
+    "max_steps": 0,  # 0 = unlimited
+    "precision": "auto",  # bf16 autocast on CUDA when use_fp16, else fp32
+    "grad_clip": 0.0,  # 0 = off
+    "max_nonfinite_skips": 50,
+    "compile": False,
+    "lr_schedule": "constant",
+    "sample_interval": 0,  # 0 = no sample grid during training
+}
+
+TEACHER_DEFAULTS: dict[str, Any] = {
+    "prob": 1.0,
+    "BATCH": 0.4,
+    "input_perturb": 0.0,
+    "batch_size": 1,
+    "model_path": "",
+    "iter_choice": "dynamic_iterative_distillation",
+    "tempfile": "",
+    "use_fp16": False,
+    "precision": "auto",
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "iter_choice": (
+        "dynamic_iterative_distillation",
+        "iterative_distillation",
+        "shuffled_iterative_distillation",
+    ),
+    "precision": ("auto", "fp32", "fp16", "bf16"),
+    "lr_schedule": ("constant", "cosine"),
+}
+
+# Spellings the authors' code accepts, mapped to ours.
+ALIASES: dict[str, dict[str, str]] = {
+    "iter_choice": {"shffled_iterative_distillation": "shuffled_iterative_distillation"},
+}
+
+# String keys that YAML may type as numbers (`timestep_respacing: 100`); stored as strings.
+NUMBER_AS_STRING_KEYS = frozenset({"timestep_respacing", "attention_resolutions", "channel_mult", "ema_rate"})
+
+MINIMUMS: dict[str, float] = {"batch_size": 1, "num_samples": 1, "diffusion_steps": 1, "image_size": 1}
+
+PATH_KEYS = ("model", "diffusion")
+SOURCE_KEY = "config"  # records the YAML a config was loaded from
+KD_SECTIONS = ("teacher", "student")
+
+METHOD_SECTIONS: dict[str, str] = {
+    "tccd": "guided_diffusion.tccd:tccd_defaults",
+    "relational": "guided_diffusion.relational:relational_defaults",
+    "step_distill": "guided_diffusion.step_distill:step_distill_defaults",
+}
+
+
+class ConfigError(ValueError):
+    """A config problem found before any model is built; the message is one line naming file and key."""
+
+
+def _model_and_diffusion_defaults() -> dict[str, Any]:
+    from guided_diffusion.script_util import model_and_diffusion_defaults
+
+    return model_and_diffusion_defaults()
+
+
+def section_defaults(kind: str) -> dict[str, Any]:
+    """Defaults of a section kind: "flat" (baseline/sample/student) or "teacher"; the keys are the schema."""
+    defaults = dict(_model_and_diffusion_defaults())
+    defaults.update(SAMPLING_DEFAULTS)
+    if kind == "flat":
+        defaults.update(TRAINING_DEFAULTS)
+    elif kind == "teacher":
+        defaults.update(TEACHER_DEFAULTS)
+    else:
+        raise ValueError(f"unknown section kind {kind!r}")
+    return defaults
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """Defaults of an optional method section, looked up in the module that owns it (imported only now)."""
+    module_name, func_name = METHOD_SECTIONS[name].split(":")
+    try:
+        func: Callable[[], dict[str, Any]] = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"section '{name}' needs {METHOD_SECTIONS[name]}, which is unavailable: {exc}"
+        ) from exc
+    return dict(func())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+def check_file_exists(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as an existing file (relative to the cwd, else the repo root) or raise ConfigError."""
+    given = Path(path)
+    candidates = [given] if given.is_absolute() else [given, REPO_ROOT / given]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{what} not found: {path}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as exc:  # omegaconf and yaml raise many types; all mean "unreadable"
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: cannot parse YAML: {message}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    """The nearest valid name: close spelling first, then abbreviations (learning_rate -> lr)."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close:
+
+        def initials(name: str) -> str:
+            return "".join(part[:1] for part in name.lower().split("_") if part)
+
+        close = [name for name in valid if initials(key) == name.lower() or initials(name) == key.lower()]
+    if not close:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.3)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(keys: Mapping[str, Any], valid: list[str], source: str, where: str) -> None:
+    for key in keys:
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown key '{key}' in {where}{_suggest(str(key), valid)}")
+
+
+def _coerce(key: str, value: Any, default: Any, source: str, where: str) -> Any:
+    """Check `value` against the type of `default`; int is fine for float, bool strings for bool."""
+    if default is None:
+        return value
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(
+            f"{source}: key '{key}' in {where} must be {expected}, got {type(value).__name__} {value!r}"
+        )
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            from guided_diffusion.script_util import str2bool
+
+            try:
+                return str2bool(value)
+            except argparse.ArgumentTypeError:
+                raise wrong("a bool") from None
+        raise wrong("a bool")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong("an int")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong("a float")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if key in NUMBER_AS_STRING_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong("a string")
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise wrong("a list")
+    if isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+        raise wrong("a mapping")
+    return value
+
+
+def _check_values(section: dict[str, Any], source: str, where: str) -> None:
+    """Value checks beyond types: choices, minimums, respacing, ranges."""
+    for key, choices in CHOICES.items():
+        if key in section:
+            value = ALIASES.get(key, {}).get(section[key], section[key])
+            if value not in choices:
+                raise ConfigError(
+                    f"{source}: invalid {key} '{section[key]}' in {where} (choose from {', '.join(choices)})"
+                )
+            section[key] = value
+    for key, minimum in MINIMUMS.items():
+        if key in section and section[key] < minimum:
+            raise ConfigError(f"{source}: {key} {section[key]} in {where} must be at least {minimum}")
+    if "prob" in section and not 0.0 < section["prob"] <= 1.0:
+        raise ConfigError(f"{source}: prob {section['prob']} in {where} must be in (0, 1]")
+    if "BATCH" in section and section["BATCH"] <= 0.0:
+        raise ConfigError(f"{source}: BATCH {section['BATCH']} in {where} must be positive")
+    _check_respacing(section, source, where)
+
+
+def _check_respacing(section: dict[str, Any], source: str, where: str) -> None:
+    spec = section.get("timestep_respacing", "")
+    if not spec:
+        return
+    from guided_diffusion.respace import space_timesteps
+
+    steps = section["diffusion_steps"]
+    try:
+        kept = space_timesteps(steps, spec)
+    except (ValueError, ArithmeticError, IndexError) as exc:
+        raise ConfigError(
+            f"{source}: timestep_respacing '{spec}' in {where} is invalid for diffusion_steps {steps}: {exc}"
+        ) from exc
+    if not kept:
+        raise ConfigError(
+            f"{source}: timestep_respacing '{spec}' in {where} keeps no steps of diffusion_steps {steps}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building sections
+
+
+def _resolve_section(
+    raw: dict[str, Any], kind: str, source: str, where: str, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Merge arch file < diffusion file < section keys < overrides, fill defaults, validate."""
+    defaults = section_defaults(kind)
+    valid = sorted([*defaults, *PATH_KEYS])
+    _check_keys(raw, valid, source, where)
+    own = {key: _coerce(key, value, defaults.get(key), source, where) for key, value in raw.items()}
+    if overrides:
+        _check_keys(overrides, valid, "command line", where)
+        own.update(
+            {
+                key: _coerce(key, value, defaults.get(key), "command line", where)
+                for key, value in overrides.items()
+            }
+        )
+
+    merged: dict[str, Any] = {}
+    for path_key in PATH_KEYS:
+        if path_key not in own:
+            continue
+        what = f"{source}: {path_key} file of {where}"
+        path = check_file_exists(own[path_key], what)
+        file_keys = _read_yaml(path)
+        _check_keys(file_keys, sorted(defaults), str(path), where)
+        merged.update({k: _coerce(k, v, defaults[k], str(path), where) for k, v in file_keys.items()})
+        own[path_key] = str(path)
+    merged.update(own)
+    for key, value in defaults.items():
+        merged.setdefault(key, value)
+    _check_values(merged, source, where)
+    return merged
+
+
+def _resolve_method(name: str, raw: Any, source: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
+    defaults = method_defaults(name)
+    _check_keys(raw, sorted(defaults), source, name)
+    merged = dict(defaults)
+    merged.update({key: _coerce(key, value, defaults.get(key), source, name) for key, value in raw.items()})
+    return merged
+
+
+def is_kd_config(cfg: Mapping[str, Any]) -> bool:
+    """True for a distillation config (top-level `teacher:` and `student:` sections)."""
+    return "teacher" in cfg and "student" in cfg
+
+
+def primary_section(cfg: DictConfig) -> DictConfig:
+    """The section scripts train or sample with: the flat config itself, or `cfg.student` for KD."""
+    return cfg.student if is_kd_config(cfg) else cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> DictConfig:
+    """Load, merge, fill and validate the YAML at `path`; `overrides` (None values skipped) go to the flat
+    config or to `student`."""
+    config_path = check_file_exists(path, "config file")
+    source = str(path)
+    raw = _read_yaml(config_path)
+    raw.pop(SOURCE_KEY, None)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    methods = {name: _resolve_method(name, raw.pop(name), source) for name in METHOD_SECTIONS if name in raw}
+
+    if any(name in raw for name in KD_SECTIONS):
+        for name in KD_SECTIONS:
+            if not isinstance(raw.get(name), dict):
+                raise ConfigError(
+                    f"{source}: a KD config needs a '{name}:' mapping next to the other section"
+                )
+        _check_keys(raw, [*KD_SECTIONS, *METHOD_SECTIONS], source, "the top level")
+        resolved: dict[str, Any] = {
+            "teacher": _resolve_section(raw["teacher"], "teacher", source, "teacher"),
+            "student": _resolve_section(raw["student"], "flat", source, "student", given),
+        }
+    else:
+        resolved = _resolve_section(raw, "flat", source, "the config", given)
+    resolved.update(methods)
+    resolved[SOURCE_KEY] = source
+    return OmegaConf.create(resolved)
+
+
+def model_and_diffusion_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
+    """Exactly the `create_model_and_diffusion` arguments of a resolved section."""
+    keys = _model_and_diffusion_defaults()
+    missing = [key for key in keys if key not in section]
+    if missing:
+        raise ConfigError(f"section lacks model/diffusion keys {missing}; was it made by load_config?")
+    return {key: section[key] for key in keys}
+
+
+def validate_world_size(cfg: DictConfig, world_size: int) -> None:
+    """Raise ConfigError unless the primary section's batch_size splits evenly over `world_size` ranks."""
+    section = primary_section(cfg)
+    if section.batch_size % world_size != 0:
+        where = "student" if is_kd_config(cfg) else "the config"
+        raise ConfigError(
+            f"{cfg.get(SOURCE_KEY, 'config')}: batch_size {section.batch_size} in {where} is not divisible "
+            f"by the number of ranks {world_size}"
+        )
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (temp file in the same folder, fsync, rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that remembers which flags override config keys."""
+
+    override_keys: tuple[str, ...] = ()
+
+
+def build_arg_parser(description: str, flags: Mapping[str, type]) -> ConfigArgumentParser:
+    """A parser with `--config` plus one `--<key>` per flag (default None = keep the YAML's value)."""
+    from guided_diffusion.script_util import str2bool
+
+    parser = ConfigArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. yaml/cifar10_32/teacher.yaml")
+    for key, kind in flags.items():
+        parser.add_argument(f"--{key}", type=str2bool if kind is bool else kind, default=None)
+    parser.override_keys = tuple(flags)
+    return parser
+
+
+def parse_config_args(
+    parser: ConfigArgumentParser, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, DictConfig]:
+    """Parse the command line and load its `--config` with the given flags as overrides; exit on errors."""
+    args = parser.parse_args(argv)
+    overrides = {key: getattr(args, key) for key in parser.override_keys}
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return args, cfg
