@@ -1,0 +1,120 @@
+"""Handwritten digits from scikit-learn, upscaled to 32x32 RGB, as a download-free image data set.
+
+`load_digits32(split)` gives uint8 NHWC images and labels; `write_digits32(output_dir)` writes the
+`digits32_train.npz` / `digits32_ref.npz` files (`arr_0` images, `arr_1` labels) the package reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SIZE = 32
+REF_FRACTION = 0.2
+SPLIT_SEED = 0
+SPLITS = ("train", "ref")
+
+
+def _upscale(images8: np.ndarray) -> np.ndarray:
+    """Turn [N, 8, 8] values 0..16 into [N, 32, 32, 3] uint8 by bilinear upscaling."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(images8.astype(np.float32) / 16.0)[:, None]
+    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    x = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return x[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous().numpy()
+
+
+def _split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Deterministic stratified ~80/20 split of sample indices (seed 0)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    train_idx, ref_idx = train_test_split(
+        idx, test_size=REF_FRACTION, stratify=labels, random_state=SPLIT_SEED, shuffle=True
+    )
+    return {"train": np.sort(train_idx), "ref": np.sort(ref_idx)}
+
+
+def load_digits32(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (images uint8 [N, 32, 32, 3], labels int64 [N]) of the "train" or "ref" split."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown digits split {split!r}; expected one of {SPLITS}")
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    idx = _split_indices(labels)[split]
+    return _upscale(np.asarray(bunch.images)[idx]), labels[idx]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to `path` through a temp file in the same folder, fsync, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _npz_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, images, labels)
+    return buf.getvalue()
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_digits32(output_dir: str | os.PathLike, folder: bool = False) -> dict[str, str]:
+    """Write both splits as npz (and, with `folder`, the train split as `<label>_<index>.png` files).
+
+    Returns a dict with keys "train", "ref" (npz paths) and, with `folder`, "train_folder".
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    for split in SPLITS:
+        images, labels = load_digits32(split)
+        path = out / f"digits32_{split}.npz"
+        _atomic_write(path, _npz_bytes(images, labels))
+        paths[split] = str(path)
+        if folder and split == "train":
+            img_dir = out / "digits32_train"
+            img_dir.mkdir(exist_ok=True)
+            for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+                _atomic_write(img_dir / f"{lab}_{i:05d}.png", _png_bytes(img))
+            paths["train_folder"] = str(img_dir)
+    return paths
+
+
+def main() -> None:
+    """CLI: write the digits npz files (and optionally an image folder) under --output_dir."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default="experiments/data/digits")
+    parser.add_argument("--folder", action="store_true", help="also write the train split as PNG files")
+    args = parser.parse_args()
+    for name, path in write_digits32(args.output_dir, folder=args.folder).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

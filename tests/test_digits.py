@@ -1,0 +1,82 @@
+"""Digits data set (split, files) and the digits feature network (shapes, shipped weights' accuracy)."""
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.digits import load_digits32, write_digits32
+from evaluations.digits_features import DEFAULT_WEIGHTS, DigitsNet, build_extractor
+
+# Measured with the shipped weights: 357/360 = 0.992 on the reference split.
+MIN_REF_ACCURACY = 0.97
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {s: load_digits32(s) for s in ("train", "ref")}
+
+
+def test_split_sizes_dtype_and_disjoint(splits):
+    (xt, yt), (xr, yr) = splits["train"], splits["ref"]
+    assert xt.shape == (1437, 32, 32, 3) and xr.shape == (360, 32, 32, 3)
+    assert xt.dtype == np.uint8 and yt.shape == (1437,) and yr.shape == (360,)
+    assert set(np.unique(yt)) == set(range(10)) and set(np.unique(yr)) == set(range(10))
+    # stratified: every class has about 20% of its samples in the reference split
+    frac = np.bincount(yr, minlength=10) / (np.bincount(yr, minlength=10) + np.bincount(yt, minlength=10))
+    assert np.all(np.abs(frac - 0.2) < 0.02)
+    assert xt.max() == 255 and xt.min() == 0
+    assert np.array_equal(xt[..., 0], xt[..., 2])
+    # no reference image also appears in the train split
+    train_rows = {row.tobytes() for row in xt[..., 0]}
+    assert not any(row.tobytes() in train_rows for row in xr[..., 0])
+
+
+def test_split_is_deterministic(splits):
+    x2, y2 = load_digits32("ref")
+    assert np.array_equal(x2, splits["ref"][0]) and np.array_equal(y2, splits["ref"][1])
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(ValueError, match="unknown digits split 'test'"):
+        load_digits32("test")
+
+
+def test_write_digits32_files(tmp_path, splits):
+    paths = write_digits32(tmp_path / "digits", folder=True)
+    for split in ("train", "ref"):
+        with np.load(paths[split]) as data:
+            assert np.array_equal(data["arr_0"], splits[split][0])
+            assert np.array_equal(data["arr_1"], splits[split][1])
+    pngs = sorted((tmp_path / "digits" / "digits32_train").glob("*.png"))
+    assert len(pngs) == 1437
+    assert pngs[0].name.split("_")[0] in {str(k) for k in range(10)}
+    assert not list((tmp_path / "digits").glob(".*.tmp"))
+
+
+def test_feature_shapes_and_input_check():
+    net = DigitsNet()
+    from evaluations.digits_features import DigitsExtractor
+
+    ext = DigitsExtractor(net, "cpu", batch_size=3)
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 32, 32, 3), dtype=np.uint8)
+    out = ext.features(images)
+    assert out["pool"].shape == (7, 128) and out["pool"].dtype == np.float64
+    assert out["logits"].shape == (7, 10) and out["spatial"] is None
+    # batching does not change the result
+    whole = DigitsExtractor(net, "cpu", batch_size=100).features(images)
+    np.testing.assert_allclose(whole["pool"], out["pool"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[N, 32, 32, 3\]"):
+        ext.features(np.zeros((2, 28, 28, 3), dtype=np.uint8))
+
+
+def test_missing_weights_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="digits feature weights not found"):
+        build_extractor("cpu", tmp_path / "absent.pt")
+
+
+def test_shipped_weights_accuracy(splits):
+    assert DEFAULT_WEIGHTS.stat().st_size < 5 * 2**20
+    state = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    assert set(state) == set(DigitsNet().state_dict())
+    ext = build_extractor("cpu")
+    assert ext.accuracy(*splits["ref"]) > MIN_REF_ACCURACY
