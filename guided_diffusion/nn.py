@@ -1,0 +1,71 @@
+"""Small layers and tensor helpers shared by the UNet and the diffusion code."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that always computes in float32 and returns the input's dtype (stable under fp16/bf16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """Create a 1D, 2D or 3D convolution."""
+    if dims not in _CONV:
+        raise ValueError(f"unsupported dims={dims} for conv_nd (expected 1, 2 or 3)")
+    return _CONV[dims](*args, **kwargs)
+
+
+def linear(*args: Any, **kwargs: Any) -> nn.Linear:
+    """Create a linear layer (named like the other factories so the UNet reads uniformly)."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """Create a 1D, 2D or 3D average pooling layer."""
+    if dims not in _AVG_POOL:
+        raise ValueError(f"unsupported dims={dims} for avg_pool_nd (expected 1, 2 or 3)")
+    return _AVG_POOL[dims](*args, **kwargs)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    """The UNet's standard normalization: 32-group GroupNorm computed in float32."""
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero all parameters of `module` in place and return it (residual branches start as identity)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps [N]: cosines first, then sines."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over all dimensions except the batch dimension."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
