@@ -172,16 +172,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    """The nearest valid name: close spelling first, then abbreviations (learning_rate -> lr)."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if not close:
+    """The nearest valid name: an abbreviation first (learning_rate -> lr), then the closest spelling."""
 
-        def initials(name: str) -> str:
-            return "".join(part[:1] for part in name.lower().split("_") if part)
+    def initials(name: str) -> str:
+        return "".join(part[:1] for part in name.lower().split("_") if part)
 
-        close = [name for name in valid if initials(key) == name.lower() or initials(name) == key.lower()]
-    if not close:
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.3)
+    close = [name for name in valid if initials(key) == name.lower() or initials(name) == key.lower()]
+    close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.3)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
