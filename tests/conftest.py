@@ -1,0 +1,24 @@
+"""Fixtures shared by the test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository checkout (configs such as `yaml/arch/*.yaml` are relative to it)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Reference data made from the public implementation (`../shared/reference` beside the checkout)."""
+    if not (REFERENCE_DIR / "README.md").is_file():
+        pytest.fail(f"reference data missing: expected {REFERENCE_DIR} (shared/reference beside the repo)")
+    return REFERENCE_DIR
