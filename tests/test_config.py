@@ -40,7 +40,9 @@ def _published() -> dict[str, str]:
 
 
 PUBLISHED_BLOCKS = _published()
-ALL_YAMLS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "yaml").rglob("*.yaml"))
+ALL_YAMLS = sorted(
+    p.relative_to(REPO).as_posix() for p in [*(REPO / "yaml").rglob("*.yaml"), *TINY.glob("*.yaml")]
+)
 
 
 def _raw(path: Path) -> dict:
@@ -242,11 +244,11 @@ def test_missing_files(tmp_path: Path) -> None:
 
 def test_bad_respacing(tmp_path: Path) -> None:
     with pytest.raises(
-        ConfigError, match=r"timestep_respacing '7' in the config is invalid for diffusion_steps 20"
+        ConfigError, match=r"timestep_respacing '30' in the config is invalid for diffusion_steps 20"
     ):
-        load_config(TINY / "tiny_baseline.yaml", {"timestep_respacing": "7"})
-    with pytest.raises(ConfigError, match=r"timestep_respacing 'ddim7'.*diffusion_steps 20"):
-        load_config(TINY / "tiny_baseline.yaml", {"timestep_respacing": "ddim7"})
+        load_config(TINY / "tiny_baseline.yaml", {"timestep_respacing": "30"})
+    with pytest.raises(ConfigError, match=r"timestep_respacing 'ddim8'.*diffusion_steps 20"):
+        load_config(TINY / "tiny_baseline.yaml", {"timestep_respacing": "ddim8"})
     assert load_config(TINY / "tiny_baseline.yaml", {"timestep_respacing": "10"}).timestep_respacing == "10"
 
 
