@@ -331,7 +331,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     """Load, merge, fill and validate the YAML at `path`; `overrides` (None values skipped) go to the flat
     config or to `student`."""
     config_path = check_file_exists(path, "config file")
-    source = str(path)
+    source = str(config_path)
     raw = _read_yaml(config_path)
     raw.pop(SOURCE_KEY, None)
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
