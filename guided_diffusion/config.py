@@ -310,7 +310,10 @@ def _resolve_section(
 def _resolve_method(name: str, raw: Any, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
-    defaults = method_defaults(name)
+    try:
+        defaults = method_defaults(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
     _check_keys(raw, sorted(defaults), source, name)
     merged = dict(defaults)
     merged.update({key: _coerce(key, value, defaults.get(key), source, name) for key, value in raw.items()})

@@ -287,7 +287,9 @@ def test_method_section_module_absent(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setitem(config_mod.METHOD_SECTIONS, "relational", "guided_diffusion.no_such_module:defaults")
     assert load_config(TINY / "tiny_baseline.yaml").batch_size == 4  # absent module: fine while unused
     text = (TINY / "tiny_baseline.yaml").read_text() + "relational:\n  weight: 1.0\n"
-    with pytest.raises(ConfigError, match=r"section 'relational' needs guided_diffusion.no_such_module"):
+    with pytest.raises(
+        ConfigError, match=r"r.yaml: section 'relational' needs guided_diffusion.no_such_module"
+    ):
         load_config(_write(tmp_path / "r.yaml", text))
 
 
