@@ -26,9 +26,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_precision(precision: str, use_fp16: bool = False) -> str:
-    """Map the config's `precision` ("auto" or a name) and legacy `use_fp16` flag to fp32/fp16/bf16."""
+    """Map the config's `precision` and legacy `use_fp16` flag to fp32/fp16/bf16; "auto" means bf16
+    autocast when `use_fp16` (no loss scaling needed), else fp32."""
     if precision == "auto":
-        return "fp16" if use_fp16 else "fp32"
+        return "bf16" if use_fp16 else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
     return precision

@@ -1,0 +1,82 @@
+"""Start-up shared by every script: process group, seeding, run dir, logger, resolved config, model."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from . import dist_util, logger
+from .checkpoint import load_state_dict_strict, safe_torch_load
+from .config import SOURCE_KEY, model_and_diffusion_kwargs, primary_section, save_config, validate_world_size
+from .script_util import create_model_and_diffusion
+
+EXPERIMENTS_DIR = "experiments"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `start_run` reads: `--exp_dir` (run dir) and `--wandb [PROJECT]`."""
+    parser.add_argument("--exp_dir", default=None, help="run dir (default experiments/<kind>/<stem>-<time>)")
+    parser.add_argument("--wandb", nargs="?", const="dkdm", default=None, help="log to this W&B project")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def choose_run_dir(kind: str, cfg: Mapping[str, Any], exp_dir: str | None, resume: str | None) -> str:
+    """`exp_dir` if given; the resumed run's dir; else `experiments/<kind>/<config stem>-<timestamp>`."""
+    if exp_dir:
+        return exp_dir
+    if resume:
+        return resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
+    stem = os.path.splitext(os.path.basename(str(cfg.get(SOURCE_KEY, "run"))))[0]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(EXPERIMENTS_DIR, kind, f"{stem}-{stamp}")
+
+
+def start_run(kind: str, cfg: DictConfig, args: argparse.Namespace, split_batch: bool = True) -> str:
+    """Join the process group, check the batch split, seed (seed + rank), pick and return the run dir,
+    configure the logger there and save the resolved config. `split_batch=False` for sampling, whose
+    batch_size is per rank."""
+    dist_util.setup_dist()
+    dist_util.abort_on_exception()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    if split_batch:
+        validate_world_size(cfg, world)
+    section = primary_section(cfg)
+    seed_everything(int(section.get("seed", 0)) + rank)
+    resume = section.get("resume_checkpoint") or None
+    run_dir = dist_util.broadcast_object(choose_run_dir(kind, cfg, getattr(args, "exp_dir", None), resume))
+    logger.configure(
+        run_dir, format_strs=["stdout", "log", "csv"], wandb_project=getattr(args, "wandb", None),
+        wandb_config=dict(section),
+    )
+    if dist_util.is_main_process():
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    logger.log(f"{kind}: config {cfg.get(SOURCE_KEY)}, {world} rank(s), device {dist_util.dev()}")
+    dist_util.barrier()
+    return run_dir
+
+
+def build_model_and_diffusion(
+    section: Mapping[str, Any], device: torch.device | str
+) -> tuple[torch.nn.Module, Any]:
+    """The UNet (moved to `device`) and diffusion described by a resolved config section."""
+    model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(section))
+    return model.to(device), diffusion
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a checkpoint into `model` strictly; errors name the file and the mismatching keys."""
+    load_state_dict_strict(model, safe_torch_load(path), source=path)

@@ -1,0 +1,506 @@
+"""The training loop (guided-diffusion's `TrainLoop`): AdamW, EMA, lr schedules, microbatching, DDP,
+guided-diffusion-named checkpoints with exact resume, and hooks for the distillation loops."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import dist_util, logger
+from .checkpoint import (
+    atomic_torch_save,
+    find_resume_set,
+    load_state_dict_strict,
+    safe_torch_load,
+    write_latest,
+)
+from .mixed_precision import MixedPrecisionTrainer, make_optimizer, resolve_precision
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def parse_ema_rates(ema_rate: float | str | Iterable[float]) -> list[float]:
+    """guided-diffusion's `ema_rate`: a float, a comma-separated string ("0.9999,0.999") or a list."""
+    if isinstance(ema_rate, str):
+        return [float(x) for x in ema_rate.split(",") if x.strip()]
+    if isinstance(ema_rate, (int, float)):
+        return [float(ema_rate)]
+    return [float(x) for x in ema_rate]
+
+
+def rng_state() -> dict:
+    """This process's torch/numpy/python (and CUDA) RNG states, in a `weights_only`-loadable form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(dist_util.dev())
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], dist_util.dev())
+
+
+class TrainLoop:
+    """Trains `model` on `diffusion.training_losses` over batches from `data`.
+
+    `batch_size` is per rank (the scripts divide the config's global batch by the world size). Each step
+    the batch is split into microbatches of `microbatch` (-1/0: whole batch) whose losses are weighted by
+    their share of the batch, so microbatching never changes the gradient. The parameters stay fp32;
+    `precision` ("auto" = bf16 if `use_fp16`, else fp32) picks the autocast dtype on CUDA.
+
+    Hooks for distillation loops (override in a subclass):
+      - `next_batch() -> (batch, cond)`: the next training input (default: `next(data)`).
+      - `compute_losses(batch, cond) -> (loss, terms)`: `loss` is the scalar to backpropagate; `terms`
+        maps names to per-item tensors or scalars for logging. A per-item int tensor under "t" adds
+        guided-diffusion's per-quartile terms (`mse_q0` ...) and is not itself logged. Called inside
+        autocast with `self.ddp_model`.
+      - `extra_params() -> dict[str, nn.Module]`: extra trainable modules (e.g. TCCD heads) optimized with
+        the model and saved in the opt file. Create them before calling `TrainLoop.__init__`.
+      - `extra_state() -> dict` / `load_extra_state(state)`: loop state saved in (and restored from) the
+        opt file; during `load_extra_state`, `self.resume_files` maps roles to the resumed set's paths.
+      - `save_extra_files(step) -> list[str]`: write extra files of the checkpoint set (called on every
+        rank so it may communicate; only rank 0 should write) and return their paths.
+      - `required_resume_patterns() -> dict[str, str]`: role -> file pattern with `{step}` (e.g.
+        `{"pool": "teacher-state-{step:06d}.cache"}`) that a checkpoint set must hold to be resumable.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        diffusion,
+        data: Iterator,
+        batch_size: int,
+        microbatch: int,
+        lr: float,
+        ema_rate: float | str | Iterable[float],
+        log_interval: int,
+        save_interval: int,
+        resume_checkpoint: str,
+        use_fp16: bool = False,
+        precision: str = "auto",
+        fp16_scale_growth: float = 1e-3,
+        schedule_sampler=None,
+        weight_decay: float = 0.0,
+        lr_anneal_steps: int = 0,
+        max_steps: int = 0,
+        grad_clip: float = 0.0,
+        max_nonfinite_skips: int = 50,
+        lr_schedule: str = "constant",
+        seed: int = 0,
+        run_dir: str | None = None,
+        sample_interval: int = 0,
+        sample_diffusion=None,
+    ) -> None:
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if lr_schedule == "cosine" and max_steps <= 0:
+            raise ValueError("lr_schedule 'cosine' decays over max_steps; set max_steps > 0")
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resume_checkpoint
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.lr_schedule = lr_schedule
+        self.seed = seed
+        self.run_dir = run_dir or logger.get_dir()
+        self.sample_interval = sample_interval
+        self.sample_diffusion = sample_diffusion or diffusion
+        if schedule_sampler is None:
+            from .resample import UniformSampler
+
+            schedule_sampler = UniformSampler(diffusion)
+        self.schedule_sampler = schedule_sampler
+        self.device = dist_util.dev()
+        self.world_size = dist_util.get_world_size()
+        self.step = 0
+        self.resume_files: dict[str, str] = {}
+
+        self.extra_modules = dict(self.extra_params())
+        extra = [p for m in self.extra_modules.values() for p in m.parameters()]
+        if self.world_size > 1:
+            dist_util.sync_params(model.parameters())
+            dist_util.sync_params(extra)
+        self.mp_trainer = MixedPrecisionTrainer(
+            model, resolve_precision(precision, use_fp16), fp16_scale_growth=fp16_scale_growth,
+            grad_clip=grad_clip, extra_params=extra,
+        )
+        self.opt = make_optimizer(self.mp_trainer.params, lr, weight_decay)
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.ema_params = [[p.detach().clone() for p in self.model_params] for _ in self.ema_rate]
+        self._extra_grads_to_sync = extra if self.world_size > 1 else []
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(
+                model, device_ids=ids, output_device=ids[0] if ids else None, broadcast_buffers=False,
+            )
+        else:
+            self.ddp_model = model
+        if resume_checkpoint:
+            self._resume(resume_checkpoint)
+        self._acc: dict[str, list[torch.Tensor]] = {}
+        self._quart: dict[str, list[torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------------- hooks
+
+    def next_batch(self) -> tuple[torch.Tensor, dict]:
+        """The next `(batch, cond)`; the default reads the data iterator."""
+        return next(self.data)
+
+    def compute_losses(self, batch: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """guided-diffusion's objective: sampler timesteps, `training_losses`, importance weights."""
+        from .resample import LossAwareSampler
+
+        t, weights = self.schedule_sampler.sample(batch.shape[0], batch.device)
+        losses = self.diffusion.training_losses(self.ddp_model, batch, t, model_kwargs=cond)
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+        terms = {k: v.detach() * weights for k, v in losses.items()}
+        terms["t"] = t
+        return (losses["loss"] * weights).mean(), terms
+
+    def extra_params(self) -> dict[str, torch.nn.Module]:
+        """Extra trainable modules optimized and saved with the model (none by default)."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """Loop state to save in the opt file (none by default)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` returned (nothing by default)."""
+
+    def save_extra_files(self, step: int) -> list[str]:
+        """Write extra checkpoint files for `step`; return their paths (none by default)."""
+        return []
+
+    def required_resume_patterns(self) -> dict[str, str]:
+        """Extra roles a resumable checkpoint set must hold: role -> pattern with `{step}` (none)."""
+        return {}
+
+    # ----------------------------------------------------------------------------------------- loop
+
+    def _done(self) -> bool:
+        if self.lr_anneal_steps and self.step >= self.lr_anneal_steps:
+            return True
+        return bool(self.max_steps) and self.step >= self.max_steps
+
+    def _total_steps(self) -> int | None:
+        limits = [x for x in (self.lr_anneal_steps, self.max_steps) if x]
+        return min(limits) if limits else None
+
+    def run_loop(self) -> None:
+        """Train until `lr_anneal_steps`/`max_steps` (forever if both are 0), logging, saving, sampling."""
+        self._log_model_info()
+        progress = None
+        if dist_util.is_main_process():
+            from tqdm import tqdm
+
+            progress = tqdm(total=self._total_steps(), initial=self.step, desc="train", dynamic_ncols=True)
+        last_saved = self.step if self.resume_checkpoint else -1
+        self._tick = (time.time(), self.step)
+        try:
+            while not self._done():
+                batch, cond = self.next_batch()
+                self.run_step(batch, cond)
+                if progress is not None:
+                    progress.update(1)
+                if self.log_interval and self.step % self.log_interval == 0:
+                    self.log_step()
+                if self.save_interval and self.step % self.save_interval == 0:
+                    self.save()
+                    last_saved = self.step
+                if self.sample_interval and self.step % self.sample_interval == 0:
+                    self.save_sample_grid()
+        finally:
+            if progress is not None:
+                progress.close()
+        if last_saved != self.step:
+            self.save()
+
+    def run_step(self, batch: torch.Tensor, cond: dict) -> None:
+        """One optimizer step on `batch`: forward/backward over microbatches, optimize, EMA, step += 1."""
+        self.forward_backward(batch, cond)
+        self._set_lr()
+        self._sync_extra_grads()
+        self.mp_trainer.optimize(self.opt)
+        self._update_ema()
+        self._acc_add("grad_norm", self.mp_trainer.grad_norm)
+        self.step += 1
+
+    def forward_backward(self, batch: torch.Tensor, cond: dict) -> None:
+        """Accumulate gradients of the batch's loss; DDP syncs only on the last microbatch."""
+        self.mp_trainer.zero_grad()
+        n = batch.shape[0]
+        for i in range(0, n, self.microbatch):
+            micro = batch[i : i + self.microbatch].to(self.device)
+            micro_cond = {k: v[i : i + self.microbatch].to(self.device) for k, v in cond.items()}
+            last = i + self.microbatch >= n
+            no_sync = self.world_size > 1 and not last
+            with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
+                with self.mp_trainer.autocast():
+                    loss, terms = self.compute_losses(micro, micro_cond)
+                self.mp_trainer.backward(loss * (micro.shape[0] / n))
+            self._record_terms(terms)
+
+    def _set_lr(self) -> None:
+        lr = self.current_lr()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def current_lr(self) -> float:
+        """The learning rate for the step being taken (linear anneal or cosine decay to 0, or constant)."""
+        if self.lr_anneal_steps:
+            return self.lr * (1 - self.step / self.lr_anneal_steps)
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(self.step, self.max_steps) / self.max_steps))
+        return self.lr
+
+    def _sync_extra_grads(self) -> None:
+        grads = [p.grad for p in self._extra_grads_to_sync if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+    def _update_ema(self) -> None:
+        # A skipped (non-finite) step leaves the EMA untouched: the lerp weight is 0 on device.
+        taken = self.mp_trainer.step_taken
+        current = [p.detach() for p in self.model_params]
+        for rate, ema in zip(self.ema_rate, self.ema_params, strict=True):
+            torch._foreach_lerp_(ema, current, (1.0 - rate) * taken)
+
+    # ----------------------------------------------------------------------------------------- logging
+
+    def _acc_add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        total, count = self._acc.setdefault(key, [torch.zeros((), device=value.device), 0])
+        self._acc[key] = [total + value.sum(), count + value.numel()]
+
+    def _record_terms(self, terms: Mapping[str, torch.Tensor]) -> None:
+        t = terms.get("t")
+        for key, value in terms.items():
+            if key == "t":
+                continue
+            value = torch.as_tensor(value).detach().float()
+            self._acc_add(key, value)
+            if t is not None and value.ndim == 1 and value.shape[0] == t.shape[0]:
+                num_t = self.diffusion.num_timesteps
+                quart = (4 * t.to(value.device) // num_t).clamp(0, 3)
+                sums, counts = self._quart.setdefault(
+                    key, [torch.zeros(4, device=value.device), torch.zeros(4, device=value.device)]
+                )
+                sums.index_add_(0, quart, value)
+                counts.index_add_(0, quart, torch.ones_like(value))
+
+    def log_step(self) -> None:
+        """Dump the interval's means (one host read) and raise if too many steps in a row were skipped."""
+        self.mp_trainer.check_skips(self.max_nonfinite_skips)
+        now = time.time()
+        then, then_step = self._tick
+        self._tick = (now, self.step)
+        global_batch = self.batch_size * self.world_size
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * global_batch)
+        for key, (total, count) in self._acc.items():
+            logger.logkv(key, float(total) / max(count, 1))
+        for key, (sums, counts) in self._quart.items():
+            for q, (s, c) in enumerate(zip(sums.tolist(), counts.tolist(), strict=True)):
+                if c:
+                    logger.logkv(f"{key}_q{q}", s / c)
+        logger.logkv("lg_loss_scale", float(self.mp_trainer.lg_loss_scale))
+        logger.logkv("skipped_steps", int(self.mp_trainer.skipped_total))
+        logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        if now > then:
+            logger.logkv("img_per_s", (self.step - then_step) * global_batch / (now - then))
+        logger.dumpkvs()
+        self._acc.clear()
+        self._quart.clear()
+
+    def _log_model_info(self) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        logger.log(f"model parameters: {n_params:,} ({n_params / 1e6:.2f}M)")
+        logger.log(f"forward FLOPs (batch 1): {self._flops_per_forward()}")
+
+    def _flops_per_forward(self) -> str:
+        try:
+            from thop import profile
+
+            image_size = self.model.image_size
+            probe = copy.deepcopy(self.model).eval()
+            x = torch.zeros(1, self.model.in_channels, image_size, image_size, device=self.device)
+            inputs = [x, torch.zeros(1, device=self.device)]
+            if getattr(self.model, "num_classes", None):
+                inputs.append(torch.zeros(1, dtype=torch.long, device=self.device))
+            with torch.no_grad():
+                macs, _ = profile(probe, inputs=tuple(inputs), verbose=False)
+            return f"{2 * macs / 1e9:.3f} GFLOPs ({macs / 1e9:.3f} GMACs)"
+        except Exception as exc:  # thop fails on unusual modules; the count is informative only
+            logger.log(f"FLOP count failed: {type(exc).__name__}: {exc}")
+            return "n/a"
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def _ema_state_dict(self, ema: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        for name, value in zip(names, ema, strict=True):
+            state[name] = value.detach().clone()
+        return {k: v.cpu() for k, v in state.items()}
+
+    def _opt_payload(self) -> dict:
+        local = {"rng": rng_state()}
+        if hasattr(self.data, "state_dict"):
+            local["data"] = self.data.state_dict()
+        per_rank = [local]
+        if self.world_size > 1:
+            per_rank = [None] * self.world_size
+            dist.all_gather_object(per_rank, local)
+        return {
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "world_size": self.world_size,
+            "scaler": self.mp_trainer.state_dict(),
+            "sampler": _sampler_state(self.schedule_sampler),
+            "ranks": per_rank,
+            "extra_modules": {k: m.state_dict() for k, m in self.extra_modules.items()},
+            "extra": self.extra_state(),
+        }
+
+    def save(self) -> None:
+        """Write model, EMA and opt files for the current step (rank 0), the extras, then `latest`."""
+        step = self.step
+        payload = self._opt_payload()
+        extra_files = self.save_extra_files(step)
+        if dist_util.is_main_process():
+            os.makedirs(self.run_dir, exist_ok=True)
+            files = []
+            path = os.path.join(self.run_dir, f"model{step:06d}.pt")
+            atomic_torch_save({k: v.cpu() for k, v in self.model.state_dict().items()}, path)
+            files.append(path)
+            for rate, ema in zip(self.ema_rate, self.ema_params, strict=True):
+                path = os.path.join(self.run_dir, f"ema_{rate}_{step:06d}.pt")
+                atomic_torch_save(self._ema_state_dict(ema), path)
+                files.append(path)
+            path = os.path.join(self.run_dir, f"opt{step:06d}.pt")
+            atomic_torch_save(payload, path)
+            files.append(path)
+            write_latest(self.run_dir, step, files + list(extra_files))
+            logger.log(f"saved checkpoint set for step {step} in {self.run_dir}")
+        dist_util.barrier()
+
+    def _resume(self, path: str) -> None:
+        found = find_resume_set(
+            path, required=("model", "opt", "ema", *self.required_resume_patterns()),
+            ema_rates=self.ema_rate, extra_patterns=self.required_resume_patterns(),
+        )
+        if found is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint set to resume from")
+        logger.log(f"resuming from step {found.step} in {found.run_dir}")
+        model_path = found.get("model")
+        load_state_dict_strict(self.model, safe_torch_load(model_path), source=model_path)
+        for rate, ema in zip(self.ema_rate, self.ema_params, strict=True):
+            ema_path = found.ema_path(rate)
+            state = safe_torch_load(ema_path)
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise KeyError(f"{ema_path}: missing EMA parameters {missing[:5]}")
+            torch._foreach_copy_(ema, [state[n].to(self.device) for n in names])
+        opt_path = found.get("opt")
+        payload = safe_torch_load(opt_path, map_location=self.device)
+        self.opt.load_state_dict(payload["opt"])
+        self.mp_trainer.load_state_dict(payload["scaler"])
+        for name, module in self.extra_modules.items():
+            module.load_state_dict(payload["extra_modules"][name])
+        _load_sampler_state(self.schedule_sampler, payload.get("sampler"))
+        self.step = int(payload["step"])
+        rank = dist_util.get_rank()
+        if payload["world_size"] == self.world_size:
+            mine = payload["ranks"][rank]
+            set_rng_state(_to_cpu(mine["rng"]))
+            if "data" in mine and hasattr(self.data, "load_state_dict"):
+                self.data.load_state_dict(mine["data"])
+        else:
+            logger.warn(f"{opt_path}: saved with {payload['world_size']} ranks, now {self.world_size}: "
+                        "RNG and data order restart (the run continues, but not bit-exactly)")
+        self.resume_files = dict(found.paths)
+        self.load_extra_state(payload["extra"])
+
+    # ----------------------------------------------------------------------------------------- samples
+
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the model holding the first EMA rate's weights (for samples and evaluation)."""
+        model = copy.deepcopy(self.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.ema_params[0])
+        return model
+
+    def save_sample_grid(self, num_samples: int = 16) -> None:
+        """Sample a small grid from the EMA model (all ranks take part) and write it to the run dir."""
+        from .sampling import sample_images, save_grid
+
+        per_rank = math.ceil(num_samples / self.world_size)
+        arr = sample_images(
+            self.ema_model(), self.sample_diffusion, num_samples=num_samples, batch_size=per_rank,
+            image_size=self.model.image_size, class_cond=bool(getattr(self.model, "num_classes", None)),
+            num_classes=getattr(self.model, "num_classes", None), precision=self.mp_trainer.precision,
+            seed=self.seed, progress=False,
+        )
+        if arr is not None:
+            path = save_grid(arr, os.path.join(self.run_dir, f"samples_{self.step:06d}.png"))
+            logger.log(f"wrote sample grid {path}")
+
+
+def _to_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    return state
+
+
+def _sampler_state(sampler) -> dict | None:
+    return sampler.state_dict() if hasattr(sampler, "state_dict") else None
+
+
+def _load_sampler_state(sampler, state: dict | None) -> None:
+    if state is not None and hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
