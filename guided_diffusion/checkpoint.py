@@ -390,7 +390,6 @@ def find_resume_set(
     if not os.path.isdir(path):
         raise CheckpointError(f"resume path is neither a run dir nor a checkpoint file: {path}")
 
-    latest_step: int | None = None
     try:
         latest = read_latest(path)
     except CheckpointError as exc:
@@ -409,7 +408,7 @@ def find_resume_set(
         if found is not None and not bad:
             return found
         logger.warn(f"{path}/latest names step {latest_step} but its set is unusable: "
-                    f"{'; '.join(bad + problems)}; scanning for an older complete set")
+                    f"{'; '.join(bad + problems)}; scanning for the newest complete set")
 
     patterns = [
         re.compile(re.escape(name).replace(str(_STEP_SENTINEL), r"(\d+)") + "$")
@@ -419,8 +418,6 @@ def find_resume_set(
         int(m.group(1)) for name in os.listdir(path) for pat in patterns if (m := pat.match(name))
     }
     for step in sorted(steps, reverse=True):
-        if step == latest_step:
-            continue
         found, problems = attempt(path, step)
         if found is not None:
             return found
