@@ -1,0 +1,232 @@
+"""UNet tests: published state-dict layout, reference output, features, labels, timesteps, dtypes."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+
+import yaml
+from guided_diffusion.nn import GroupNorm32, timestep_embedding
+from guided_diffusion.script_util import create_model, model_and_diffusion_defaults
+from guided_diffusion.unet import QKVAttention
+
+ARCHS = ["14M-CNN", "24M-CNN", "32M-CNN", "44M-CNN", "57M-CNN", "57M-CNN-CelebA", "295M-CNN"]
+MODEL_KEYS = set(inspect.signature(create_model).parameters)
+
+TINY = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="8",
+    num_head_channels=16,
+    resblock_updown=True,
+    use_new_attention_order=True,
+    learn_sigma=True,
+)
+
+
+def model_kwargs(**overrides) -> dict:
+    """guided-diffusion defaults restricted to create_model's arguments, then `overrides`."""
+    kwargs = {k: v for k, v in model_and_diffusion_defaults().items() if k in MODEL_KEYS}
+    kwargs.update(overrides)
+    return kwargs
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values (a fresh UNet outputs zeros: its last conv starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize(create_model(**model_kwargs(**{**TINY, **overrides})), seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread, and the shared 2-core machine is often oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def manifest(reference_dir):
+    with open(reference_dir / "unet_manifest.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def vectors(reference_dir):
+    return torch.load(reference_dir / "vectors.pt", weights_only=True)
+
+
+def arch_kwargs(repo_root, name: str) -> dict:
+    with open(repo_root / "yaml" / "arch" / f"{name}.yaml") as f:
+        arch = yaml.safe_load(f)
+    return model_kwargs(**arch, learn_sigma=True)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_arch_state_dict_matches_manifest(repo_root, manifest, name):
+    with torch.device("meta"):
+        model = create_model(**arch_kwargs(repo_root, name))
+    got = [[key, list(t.shape)] for key, t in model.state_dict().items()]
+    assert got == manifest[name]["keys"]
+    assert sum(p.numel() for p in model.parameters()) == manifest[name]["params"]
+
+
+def test_reference_vectors_output(vectors):
+    args = {**vectors["common"], **vectors["tiny_arch"]}
+    model = create_model(**model_kwargs(**args, learn_sigma=True)).eval()
+    model.load_state_dict(vectors["unet_state_dict"], strict=True)
+    with torch.no_grad():
+        out = model(vectors["unet_x"], vectors["unet_t"])
+    expected = vectors["unet_out"]
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()))
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_attention_head_layout_matches_explicit_softmax(legacy):
+    heads, ch, length, batch = 3, 8, 10, 2
+    qkv = torch.randn(batch, 3 * heads * ch, length, dtype=torch.float64)
+    out = QKVAttention(heads, legacy=legacy)(qkv)
+    expected = []
+    for h in range(heads):
+        if legacy:
+            base = h * 3 * ch
+            q, k, v = (qkv[:, base + i * ch : base + (i + 1) * ch] for i in range(3))
+        else:
+            q, k, v = (qkv[:, (i * heads + h) * ch : (i * heads + h + 1) * ch] for i in range(3))
+        weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), dim=-1)
+        expected.append(torch.einsum("bts,bcs->bct", weight, v))
+    torch.testing.assert_close(out, torch.cat(expected, dim=1))
+
+
+def test_attention_order_flag_changes_output():
+    new = tiny_model(use_new_attention_order=True)
+    legacy = tiny_model(use_new_attention_order=False)
+    legacy.load_state_dict(new.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert not torch.allclose(new(x, t), legacy(x, t))
+
+
+def test_random_checkpoint_in_manifest_layout_roundtrips(repo_root, manifest, tmp_path):
+    with torch.device("meta"):
+        model = create_model(**arch_kwargs(repo_root, "57M-CNN"))
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    state = {key: torch.randn(shape, generator=gen) for key, shape in manifest["57M-CNN"]["keys"]}
+    path = tmp_path / "model000000.pt"
+    torch.save(state, path)
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    loaded = model.state_dict()
+    assert list(loaded) == list(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_return_features_same_output_and_documented_shapes():
+    model = tiny_model(channel_mult="1,2,2", num_res_blocks=2, attention_resolutions="8,4")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+    with torch.no_grad():
+        plain = model(x, t)
+        out, feats = model(x, t, return_features=True)
+    assert torch.equal(out, plain)
+    chans = model.feature_channels()
+    assert chans == {"emb": 128, "down": [32, 64, 64], "middle": 64, "up": [64, 64, 32]}
+    assert feats["emb"].shape == (2, chans["emb"])
+    assert [tuple(f.shape) for f in feats["down"]] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4)]
+    assert feats["middle"].shape == (2, chans["middle"], 4, 4)
+    assert [tuple(f.shape) for f in feats["up"]] == [(2, 64, 8, 8), (2, 64, 16, 16), (2, 32, 16, 16)]
+
+
+def test_features_carry_gradients_to_parameters():
+    model = tiny_model().train()
+    _, feats = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), return_features=True)
+    feats["up"][0].sum().backward()
+    assert model.input_blocks[0][0].weight.grad.abs().sum() > 0
+    assert model.out[2].weight.grad is None
+
+
+def test_class_conditional_model_uses_labels():
+    model = tiny_model(class_cond=True)
+    assert model.label_emb.weight.shape == (1000, 128)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 5])
+    with torch.no_grad():
+        a = model(x, t, y=torch.tensor([1, 2]))
+        b = model(x, t, y=torch.tensor([3, 2]))
+    assert not torch.allclose(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    with pytest.raises(ValueError, match="class-conditional"):
+        model(x, t)
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny_model()(x, t, y=torch.tensor([1, 2]))
+
+
+def test_float_timesteps():
+    model = tiny_model()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ints = model(x, torch.tensor([10, 500]))
+        same = model(x, torch.tensor([10.0, 500.0]))
+        frac = model(x, torch.tensor([10.5, 500.25]))
+    torch.testing.assert_close(same, ints)
+    assert torch.isfinite(frac).all()
+    assert not torch.allclose(frac, ints)
+
+
+def test_timestep_embedding_values():
+    t = torch.tensor([0.0, 3.5])
+    emb = timestep_embedding(t, 7)
+    assert emb.shape == (2, 7)
+    freqs = torch.exp(-math.log(10000) * torch.arange(3) / 3)
+    torch.testing.assert_close(emb[1, :3], torch.cos(3.5 * freqs))
+    torch.testing.assert_close(emb[1, 3:6], torch.sin(3.5 * freqs))
+    assert torch.equal(emb[:, 6], torch.zeros(2))
+    torch.testing.assert_close(emb[0, :3], torch.ones(3))
+
+
+def test_use_checkpoint_same_output_and_grads():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([4, 40])
+    grads = []
+    for flag in (False, True):
+        model = tiny_model(use_checkpoint=flag).train()
+        model(x, t).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, ckpt in zip(*grads, strict=True):
+        torch.testing.assert_close(ckpt, plain)
+
+
+def test_use_fp16_keeps_fp32_weights_and_groupnorm_returns_input_dtype():
+    model = tiny_model(use_fp16=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    norm = GroupNorm32(4, 8)
+    x = torch.randn(2, 8, 4, 4)
+    out = norm(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x), rtol=1e-2, atol=1e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert torch.isfinite(y.float()).all()
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="image_size=48"):
+        create_model(**model_kwargs(image_size=48, channel_mult=""))
+    with pytest.raises(ValueError, match="channel_mult"):
+        create_model(**model_kwargs(image_size=16, channel_mult="1,x"))
+    with pytest.raises(ValueError, match="num_head_channels"):
+        create_model(**model_kwargs(**{**TINY, "num_head_channels": 24}))
