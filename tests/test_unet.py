@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import math
@@ -11,7 +12,14 @@ import torch
 
 import yaml
 from guided_diffusion.nn import GroupNorm32, timestep_embedding
-from guided_diffusion.script_util import create_model, model_and_diffusion_defaults
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    str2bool,
+)
 from guided_diffusion.unet import QKVAttention
 
 ARCHS = ["14M-CNN", "24M-CNN", "32M-CNN", "44M-CNN", "57M-CNN", "57M-CNN-CelebA", "295M-CNN"]
@@ -230,3 +238,31 @@ def test_bad_arguments_raise_clear_errors():
         create_model(**model_kwargs(image_size=16, channel_mult="1,x"))
     with pytest.raises(ValueError, match="num_head_channels"):
         create_model(**model_kwargs(**{**TINY, "num_head_channels": 24}))
+
+
+def test_create_model_and_diffusion_takes_exactly_the_default_keys():
+    args = model_and_diffusion_defaults()
+    args.update(TINY, diffusion_steps=40, timestep_respacing="10")
+    args.update(noise_schedule="cosine", rescale_learned_sigmas=True)
+    model, diffusion = create_model_and_diffusion(**args)
+    assert model.out_channels == 6 and model.image_size == 16
+    assert diffusion.num_timesteps == 10
+    assert diffusion.model_var_type.name == "LEARNED_RANGE"
+    assert diffusion.loss_type.name == "RESCALED_MSE"
+    with pytest.raises(TypeError, match="use_ddim"):
+        create_model_and_diffusion(**args, use_ddim=False)
+    del args["dropout"]
+    with pytest.raises(TypeError, match="dropout"):
+        create_model_and_diffusion(**args)
+
+
+def test_argparser_round_trip_parses_bools_and_numbers():
+    parser = argparse.ArgumentParser()
+    defaults = model_and_diffusion_defaults()
+    add_dict_to_argparser(parser, defaults)
+    args = parser.parse_args(["--class_cond", "true", "--num_channels", "64", "--use_fp16", "no"])
+    parsed = args_to_dict(args, defaults.keys())
+    assert parsed == {**defaults, "class_cond": True, "num_channels": 64, "use_fp16": False}
+    assert str2bool("Y") is True and str2bool("0") is False
+    with pytest.raises(argparse.ArgumentTypeError, match="maybe"):
+        str2bool("maybe")
