@@ -165,10 +165,10 @@ class QKVAttention(nn.Module):
             raise ValueError(f"qkv width {width} is not divisible by 3 * n_heads ({self.n_heads})")
         ch = width // (3 * self.n_heads)
         if self.legacy:
-            qkv = qkv.reshape(batch, self.n_heads, 3, ch, length).transpose(1, 2)
+            qkv = qkv.reshape(batch, self.n_heads, 3, ch, length).permute(2, 0, 1, 4, 3)
         else:
-            qkv = qkv.reshape(batch, 3, self.n_heads, ch, length)
-        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
+            qkv = qkv.reshape(batch, 3, self.n_heads, ch, length).permute(1, 0, 2, 4, 3)
+        q, k, v = qkv.contiguous().unbind(0)  # each [N, H, T, C]
         out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(-1, -2).reshape(batch, self.n_heads * ch, length)
 
