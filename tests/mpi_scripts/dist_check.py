@@ -1,11 +1,12 @@
-"""Run with 2 ranks (mpiexec or torchrun): checks dist_util collectives ("ok") or that a raising rank aborts ("fail")."""
+"""Run with 2 ranks (mpiexec or torchrun-style env): `ok LOG_DIR` checks dist_util collectives and the
+logger's cross-rank means; `fail` checks that a raising rank aborts the job."""
 
 import sys
 import time
 
 import torch
 
-from guided_diffusion import dist_util
+from guided_diffusion import dist_util, logger
 
 
 def check_collectives() -> None:
@@ -28,10 +29,24 @@ def check_collectives() -> None:
     print(f"rank {rank} OK", flush=True)
 
 
+def check_logger(log_dir: str) -> None:
+    """logkv_mean values are averaged over ranks (count-weighted); only rank 0 writes files."""
+    rank = dist_util.get_rank()
+    logger.configure(dir=log_dir, format_strs=["log", "csv"])
+    logger.logkv("step", 3)
+    for _ in range(rank + 1):
+        logger.logkv_mean("loss", float(rank + 1))
+    logger.logkv_mean(f"only_rank{rank}", 1.0)
+    got = logger.dumpkvs()
+    assert got == {"step": 3.0, "loss": (1.0 + 2.0 * 2) / 3, "only_rank0": 1.0, "only_rank1": 1.0}, got
+    logger.reset()
+
+
 def main() -> None:
     dist_util.setup_dist(timeout_s=60)
     if sys.argv[1] == "ok":
         check_collectives()
+        check_logger(sys.argv[2])
     else:
         if dist_util.get_rank() == 1:
             time.sleep(0.5)
