@@ -1,0 +1,345 @@
+"""The DKDM dynamic batch: a per-rank pool of teacher denoising states that supplies the student's batches.
+
+Pool convention (the authors' cache layout): item ``i`` holds ``x = total_x_t_1[i]``, the state the teacher's
+step at ``k = total_t[i]`` produced; its next teacher step runs at ``t = k - 1``. Fresh noise has ``k = T``,
+a clean sample ``k = 0``; a drawn clean item restarts from fresh noise.
+
+Modes (``teacher.iter_choice``): ``dynamic_iterative_distillation`` (pool of round(rho * T) * B prepared
+states, B random ones advanced per step), ``shuffled_iterative_distillation`` (a prepared pool of B, all
+advanced per step) and ``iterative_distillation`` (B trajectories from noise in lockstep, no preparation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import logger
+from .dynamic_cache import CacheError, load_cache, save_cache, validate_cache
+
+DYNAMIC = "dynamic_iterative_distillation"
+SHUFFLED = "shuffled_iterative_distillation"
+ITERATIVE = "iterative_distillation"
+MODES = (DYNAMIC, SHUFFLED, ITERATIVE)
+
+_GATHER_CHUNK = 4096  # items per collective when gathering a pool to rank 0
+_GPU_MARGIN_BYTES = 2 << 30  # free GPU memory left untouched when placing the pool
+
+
+def pool_size(iter_choice: str, rho: float, student_timesteps: int, batch_size: int) -> int:
+    """Items per rank: round(rho * T_student) * B for the dynamic mode, B for the other two."""
+    if iter_choice not in MODES:
+        raise ValueError(f"iter_choice must be one of {', '.join(MODES)}; got {iter_choice!r}")
+    if iter_choice == DYNAMIC:
+        n = round(rho * student_timesteps) * batch_size
+        if n < batch_size:
+            raise ValueError(
+                f"BATCH (rho) {rho} with T={student_timesteps} gives a pool of {n} items, fewer than the "
+                f"batch size {batch_size}"
+            )
+        return n
+    return batch_size
+
+
+def balanced_end_steps(n_items: int, world_size: int, T: int, seed: int) -> torch.Tensor:
+    """End steps in 1..T-1 for ``world_size`` ranks x ``n_items`` (LongTensor [W, n]), uniform overall.
+
+    Every rank gets the same total number of teacher steps (sum of T - end): sorted draws are dealt in snake
+    order, then ranks above the minimum raise random end steps by one until the totals agree. Deterministic in
+    ``seed``, so each rank computes the same table without communication.
+    """
+    if T < 2:
+        raise ValueError(f"the teacher diffusion needs at least 2 steps for a dynamic pool; got T={T}")
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(1, T, (n_items * world_size,), generator=gen).sort().values
+    pos = torch.arange(draws.numel())
+    block, within = pos // world_size, pos % world_size
+    owner = torch.where(block % 2 == 0, within, world_size - 1 - within)
+    ends = torch.stack([draws[owner == r] for r in range(world_size)])
+    target = int((T - ends).sum(dim=1).min())
+    for r in range(world_size):
+        excess = int((T - ends[r]).sum()) - target
+        while excess > 0:
+            room = torch.nonzero(ends[r] < T - 1).flatten()
+            pick = room[torch.randperm(room.numel(), generator=gen)[:excess]]
+            ends[r, pick] += 1
+            excess -= pick.numel()
+        ends[r] = ends[r][torch.randperm(n_items, generator=gen)]
+    return ends
+
+
+def choose_pool_device(pool_bytes: int, device: torch.device) -> torch.device:
+    """Keep the pool on the GPU when it fits in free memory with a margin, else in (pinned) host memory."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, total = torch.cuda.mem_get_info(device)
+    margin = max(_GPU_MARGIN_BYTES, total // 10)
+    return device if pool_bytes <= free - margin else torch.device("cpu")
+
+
+def _dist_active(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _comm_device(fallback: torch.device) -> torch.device:
+    """Tensors for collectives must live on CUDA under NCCL and may live on the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return fallback if fallback.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_to_rank0(
+    total_t: torch.Tensor, total_x: torch.Tensor, rank: int, world_size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Concatenate every rank's equally sized pool on rank 0 in rank order (numpy); None on other ranks."""
+    if not _dist_active(world_size):
+        return total_t.cpu().numpy().astype(np.int64), total_x.float().cpu().numpy()
+    n = total_t.shape[0]
+    comm = _comm_device(total_x.device)
+    out_t = np.empty((world_size * n,), np.int64) if rank == 0 else None
+    out_x = np.empty((world_size * n, *total_x.shape[1:]), np.float32) if rank == 0 else None
+    for start in range(0, n, _GATHER_CHUNK):
+        stop = min(n, start + _GATHER_CHUNK)
+        for src, dst in ((total_t, out_t), (total_x, out_x)):
+            piece = src[start:stop].to(comm).contiguous()
+            parts = [torch.empty_like(piece) for _ in range(world_size)] if rank == 0 else None
+            dist.gather(piece, parts, dst=0)
+            if rank == 0:
+                for r, part in enumerate(parts):
+                    dst[r * n + start : r * n + stop] = part.cpu().numpy()
+    return (out_t, out_x) if rank == 0 else None
+
+
+class DynamicBatch:
+    """Per-rank pool of teacher states; ``draw()`` advances B of them one teacher step and returns the batch.
+
+    A batch is a dict: ``x_t`` (student input), ``x_tm1`` (teacher's sampled x_{t-1}), ``t``, ``teacher_out``
+    (the teacher's ``p_mean_variance`` dict), ``weights`` (1 = kept, 0 = dropped by ``prob``) and
+    ``model_kwargs``. Random draws and noise come from the pool's own generators, saved in ``state_dict``.
+    ``precision`` ("fp32", "fp16", "bf16") is the teacher's autocast dtype on CUDA.
+    """
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        diffusion: Any,
+        *,
+        batch_size: int,
+        image_shape: tuple[int, int, int],
+        iter_choice: str = DYNAMIC,
+        rho: float = 0.4,
+        student_timesteps: int | None = None,
+        prob: float = 1.0,
+        teacher_batch_size: int = 256,
+        clip_denoised: bool = True,
+        precision: str = "fp32",
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < prob <= 1.0:
+            raise ValueError(f"prob must be in (0, 1]; got {prob}")
+        self.teacher = teacher
+        self.diffusion = diffusion
+        self.T = int(diffusion.num_timesteps)
+        self.batch_size = int(batch_size)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.iter_choice = iter_choice
+        self.prob = float(prob)
+        self.teacher_batch_size = int(teacher_batch_size)
+        self.clip_denoised = bool(clip_denoised)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.device = torch.device(device)
+        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.size = pool_size(iter_choice, rho, student_timesteps or self.T, self.batch_size)
+        self.index_gen = torch.Generator().manual_seed(self.seed * 1000003 + self.rank)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(self.seed * 1000003 + self.rank + 1)
+        item_bytes = int(np.prod(self.image_shape)) * 4 + 8
+        self.pool_device = choose_pool_device(self.size * item_bytes, self.device)
+        self.total_t: torch.Tensor | None = None
+        self.total_x: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------------
+    # Teacher steps
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is not None and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.image_shape), generator=self.noise_gen, device=self.device)
+
+    def teacher_step(
+        self, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One ancestral teacher step at ``t`` (the diffusion's ``p_mean_variance`` plus our own noise)."""
+        with torch.inference_mode(), self._autocast():
+            out = self.diffusion.p_mean_variance(self.teacher, x_t, t, clip_denoised=self.clip_denoised)
+            out = {k: v.float() for k, v in out.items()}
+            nonzero = (t != 0).float().view(-1, *([1] * (x_t.dim() - 1)))
+            x_tm1 = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * self._noise(x_t.shape[0])
+        return x_tm1, out
+
+    def _allocate(self, n: int) -> None:
+        pin = self.pool_device.type == "cpu" and self.device.type == "cuda"
+        self.total_t = torch.empty((n,), dtype=torch.int64, device=self.pool_device, pin_memory=pin)
+        self.total_x = torch.empty((n, *self.image_shape), device=self.pool_device, pin_memory=pin)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Pool setup
+
+    def prepare(self, progress: bool = True) -> None:
+        """Fill the pool: noise advanced by the teacher to per-item end steps (balanced over ranks).
+
+        The iterative mode starts all B items at fresh noise instead. Items are processed in order of their
+        end step, so finished items leave the active set and cost no more teacher calls.
+        """
+        self._allocate(self.size)
+        self.total_t.fill_(self.T)
+        for start in range(0, self.size, self.teacher_batch_size):
+            stop = min(self.size, start + self.teacher_batch_size)
+            self.total_x[start:stop] = self._noise(stop - start).to(self.pool_device)
+        if self.iter_choice == ITERATIVE:
+            return
+        ends = balanced_end_steps(self.size, self.world_size, self.T, self.seed)[self.rank]
+        order = torch.argsort(ends, stable=True)
+        sorted_ends = ends[order]
+        steps = int((self.T - ends).sum())
+        bar = tqdm(total=steps, desc="dynamic batch", disable=not progress or self.rank != 0, ncols=80)
+        for t in range(self.T - 1, int(sorted_ends[0]) - 1, -1):
+            active = int(torch.searchsorted(sorted_ends, t, right=True))
+            for start in range(0, active, self.teacher_batch_size):
+                idx = order[start : min(active, start + self.teacher_batch_size)].to(self.pool_device)
+                x = self.total_x[idx].to(self.device, non_blocking=True)
+                tt = torch.full((idx.numel(),), t, dtype=torch.int64, device=self.device)
+                x_tm1, _ = self.teacher_step(x, tt)
+                self.total_x[idx] = x_tm1.to(self.pool_device)
+                bar.update(idx.numel())
+        bar.close()
+        self.total_t.copy_(ends.to(self.pool_device))
+
+    def load_arrays(self, total_t: np.ndarray, total_x: np.ndarray, source: str = "pool state") -> None:
+        """Install this rank's pool from arrays of exactly ``self.size`` items (validated)."""
+        validate_cache(source, total_t, total_x, self.T)
+        if total_t.shape[0] != self.size or tuple(total_x.shape[1:]) != self.image_shape:
+            raise CacheError(
+                f"{source}: expected {self.size} items of shape {self.image_shape}, got {total_t.shape[0]} "
+                f"of {tuple(total_x.shape[1:])}"
+            )
+        self._allocate(self.size)
+        self.total_t.copy_(torch.from_numpy(np.ascontiguousarray(total_t, dtype=np.int64)))
+        self.total_x.copy_(torch.from_numpy(np.ascontiguousarray(total_x, dtype=np.float32)))
+
+    def load_slice(self, path: str) -> None:
+        """Take this rank's slice [rank*N, (rank+1)*N) of a cache file holding at least world_size*N items."""
+        arrays = load_cache(path, T=self.T)
+        need = self.world_size * self.size
+        have = arrays["total_t"].shape[0]
+        if have < need:
+            raise CacheError(
+                f"{path}: holds {have} items but {self.world_size} rank(s) x {self.size} per rank = {need} "
+                f"are needed ({self.iter_choice}, batch {self.batch_size}); prepare a new cache or fix BATCH"
+            )
+        lo, hi = self.rank * self.size, (self.rank + 1) * self.size
+        self.load_arrays(arrays["total_t"][lo:hi], arrays["total_x_t_1"][lo:hi], source=path)
+
+    def setup(self, path: str, progress: bool = True) -> None:
+        """Training start: iterative mode starts from noise; the others load their slice of ``path``,
+        preparing and writing that cache first (rank 0 writes, all ranks wait) when it does not exist."""
+        if self.iter_choice == ITERATIVE:
+            self.prepare(progress=False)
+        else:
+            if not os.path.exists(path):
+                self.prepare_and_save(path, progress=progress)
+            self.load_slice(path)
+        where = "GPU" if self.pool_device.type == "cuda" else "host memory"
+        logger.log(f"dynamic batch: {self.iter_choice}, {self.size} items per rank, pool kept in {where}")
+
+    def prepare_and_save(self, path: str, progress: bool = True) -> None:
+        """Prepare this rank's share, gather all ranks' pools and write them to ``path`` on rank 0."""
+        self.prepare(progress=progress)
+        self.save(path)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Training draws
+
+    def _require_pool(self) -> None:
+        if self.total_t is None:
+            raise RuntimeError("the dynamic batch has no pool; call setup(), prepare() or load_state_dict()")
+
+    def draw(self) -> dict[str, Any]:
+        """Advance B pool items (random ones in the dynamic mode, all otherwise) one teacher step."""
+        self._require_pool()
+        if self.iter_choice == DYNAMIC:
+            idx = torch.randperm(self.size, generator=self.index_gen)[: self.batch_size]
+        else:
+            idx = torch.arange(self.size)
+        keep = torch.rand(self.batch_size, generator=self.index_gen) < self.prob
+        idx = idx.to(self.pool_device)
+        k = self.total_t[idx].to(self.device)
+        x = self.total_x[idx].to(self.device, non_blocking=True)
+        done = k == 0
+        if bool(done.any()):
+            x[done] = self._noise(int(done.sum()))
+            k = torch.where(done, torch.full_like(k, self.T), k)
+        t = k - 1
+        x_tm1, out = self.teacher_step(x, t)
+        self.total_t[idx] = t.to(self.pool_device)
+        self.total_x[idx] = x_tm1.to(self.pool_device)
+        return {
+            "x_t": x,
+            "x_tm1": x_tm1.clone(),
+            "t": t,
+            "teacher_out": {name: value.clone() for name, value in out.items()},
+            "weights": keep.float().to(self.device),
+            "model_kwargs": {},
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.draw()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's pool in the cache layout (numpy) plus the generator states."""
+        self._require_pool()
+        return {
+            "total_t": self.total_t.cpu().numpy().copy(),
+            "total_x_t_1": self.total_x.cpu().numpy().copy(),
+            **self.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a pool saved by ``state_dict`` exactly (items, steps and generators)."""
+        self.load_arrays(state["total_t"], state["total_x_t_1"])
+        self.load_rng_state(state)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The pool's generator states (index draws and teacher noise)."""
+        return {"index_rng": self.index_gen.get_state(), "noise_rng": self.noise_gen.get_state()}
+
+    def load_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore generator states saved by ``rng_state``."""
+        self.index_gen.set_state(state["index_rng"].cpu())
+        self.noise_gen.set_state(state["noise_rng"].cpu())
+
+    def save(self, path: str) -> None:
+        """Gather all ranks' pools to rank 0 and write them as one cache file (all ranks call this)."""
+        self._require_pool()
+        gathered = gather_to_rank0(self.total_t, self.total_x, self.rank, self.world_size)
+        if gathered is not None:
+            save_cache(path, *gathered)
+            logger.log(f"dynamic batch: wrote {gathered[0].shape[0]} items to {path}")
+        if _dist_active(self.world_size):
+            dist.barrier()
