@@ -459,3 +459,44 @@ def test_loss_second_moment_sampler():
     # A new loss pushes out the oldest entry of its timestep's history.
     sampler.update_with_all_losses([0], [11.0])
     assert sampler._loss_history[0, -1] == 11.0 and sampler._loss_history[0, :-1].tolist() == [1.0] * 9
+
+
+_GATHER_WORKER = """
+import sys, torch, torch.distributed as dist
+from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.resample import LossSecondMomentResampler
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+betas = gd.get_named_beta_schedule("linear", 100)[:3]
+diffusion = gd.GaussianDiffusion(
+    betas=betas, model_mean_type=gd.ModelMeanType.EPSILON,
+    model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE,
+)
+sampler = LossSecondMomentResampler(diffusion, history_per_term=2)
+ts = torch.tensor([0, 1, 2] if rank == 0 else [2])  # unequal batch sizes exercise the padding
+losses = torch.tensor([1.0, 2.0, 3.0] if rank == 0 else [5.0])
+sampler.update_with_local_losses(ts, losses)
+sampler.update_with_local_losses(ts, losses)
+print(sampler._loss_counts.tolist(), sampler._loss_history.tolist())
+dist.destroy_process_group()
+"""
+
+
+def test_loss_aware_sampler_gathers_all_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GATHER_WORKER, str(rank), str(store)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    expected = "[2, 2, 2] [[1.0, 1.0], [2.0, 2.0], [3.0, 5.0]]"  # t=2 saw 3 (rank 0), 5 (rank 1) twice
+    assert [out.strip() for out, _ in outputs] == [expected, expected]
