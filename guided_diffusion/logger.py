@@ -161,24 +161,25 @@ def _rank(comm: Any = None) -> int:
     return 0
 
 
-def _reduce_across_ranks(name2val: dict[str, Any], name2cnt: dict[str, int], comm: Any) -> dict[str, Any]:
-    """Count-weighted mean of numeric values over all ranks (keys may differ); others come from rank 0."""
-    local = {k: (v, name2cnt.get(k, 1)) for k, v in name2val.items()}
+def _reduce_across_ranks(name2val: dict[str, Any], name2cnt: Mapping[str, int], comm: Any) -> dict[str, Any]:
+    """`logkv_mean` keys: count-weighted mean over all ranks; `logkv` keys: the value of the lowest rank
+    that logged it (ranks may log different keys)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group=comm) == 1:
         return dict(name2val)
+    local = {k: (v, name2cnt.get(k, 0)) for k, v in name2val.items()}
     gathered: list[Any] = [None] * dist.get_world_size(group=comm)
     dist.all_gather_object(gathered, local, group=comm)
     sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
     result: dict[str, Any] = {}
     for part in gathered:
         for k, (v, c) in part.items():
-            if isinstance(v, Number) and not isinstance(v, bool):
+            if c > 0:
                 sums[k] += float(v) * c
                 counts[k] += c
             elif k not in result:
                 result[k] = v
-    result.update({k: sums[k] / counts[k] for k in sums if counts[k] > 0})
+    result.update({k: sums[k] / counts[k] for k in sums})
     return result
 
 

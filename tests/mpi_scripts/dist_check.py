@@ -38,11 +38,12 @@ def check_logger(log_dir: str) -> None:
         logger.logkv_mean("loss", float(rank + 1))
     logger.logkv_mean(f"only_rank{rank}", 1.0)
     got = logger.dumpkvs()
-    assert got == {"step": 3.0, "loss": (1.0 + 2.0 * 2) / 3, "only_rank0": 1.0, "only_rank1": 1.0}, got
+    assert got == {"step": 3, "loss": (1.0 + 2.0 * 2) / 3, "only_rank0": 1.0, "only_rank1": 1.0}, got
     logger.reset()
 
 
 def main() -> None:
+    """Set up the group, then run the mode named by argv[1]."""
     dist_util.setup_dist(timeout_s=60)
     if sys.argv[1] == "ok":
         check_collectives()
