@@ -1,0 +1,404 @@
+"""Throughput of the project's hot paths: DKDM/image_train iterations, sampling and pool-preparation steps.
+
+Each case is built from the real arch/diffusion YAMLs and runs the very objects the scripts run per iteration
+(TrainLoop.run_step, the KD loop's step with its DynamicBatch draw, the diffusion's p_sample, the pool's
+teacher_step), with random weights and synthetic in-memory data. `--mode baseline` is the plain path (fp16
+autocast, fp32 master weights, dynamic loss scale, eager, NCHW); `--mode optimized` is the fast path (bf16
+autocast, channels_last, torch.compile, CUDA graphs for inference, TF32). Rows are printed (and the JSON
+rewritten) as each case finishes, so a timeout still leaves numbers.
+
+    python benchmarks/bench_throughput.py --device cuda --mode both --json bench.json
+    python benchmarks/bench_throughput.py --tiny --device cpu --iters 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from guided_diffusion import logger  # noqa: E402
+from guided_diffusion.compile_util import configure_cuda_matmul, maybe_compile, to_channels_last  # noqa: E402
+from guided_diffusion.dynamic_batch import DynamicBatch  # noqa: E402
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.train_util import TrainLoop  # noqa: E402
+from guided_diffusion.unet import QKVAttention  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+DIFFUSION_YAML = "yaml/cifar10_32/diffusion.yaml"
+ARCHS = {"14M": "yaml/arch/14M-CNN.yaml", "57M": "yaml/arch/57M-CNN.yaml"}
+TINY_ARCHS = {"14M": "tests/configs/tiny_student_arch.yaml", "57M": "tests/configs/tiny_arch.yaml"}
+
+# The public implementation on an H100 80GB (PyTorch 2.11, fp16 + fp32 master weights), from the issue.
+PUBLIC = {"kd14": 702.0, "kd57": 582.0, "train14": 820.0, "train57": 749.0, "sample14": 9900.0,
+          "sample57": 4940.0, "prepare57": 4950.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: what runs per iteration, on which archs, at which batch size."""
+
+    name: str
+    kind: str  # kd | train | sample | prepare
+    model: str  # the trained/sampled arch (the student for kd)
+    batch: int
+    tiny_batch: int
+    teacher: str | None = None
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("kd14", "kd", "14M", 128, 4, teacher="57M"),
+        Case("kd57", "kd", "57M", 128, 4, teacher="57M"),
+        Case("train14", "train", "14M", 128, 4),
+        Case("train57", "train", "57M", 128, 4),
+        Case("sample14", "sample", "14M", 2500, 8),
+        Case("sample57", "sample", "57M", 2500, 8),
+        Case("prepare57", "prepare", "57M", 3072, 16),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The knobs a mode sets (see module docstring)."""
+
+    precision: str  # fp16 | bf16 (fp32 on CPU either way)
+    compile: bool
+    channels_last: bool
+    cuda_graphs: bool
+
+
+def mode_options(mode: str, device: torch.device, compile_flag: str) -> Options:
+    """Baseline = the public code's path; optimized = ours. `compile_flag` auto compiles on CUDA only."""
+    cuda = device.type == "cuda"
+    if mode == "baseline":
+        return Options("fp16", False, False, False)
+    compile_on = {"auto": cuda, "on": True, "off": False}[compile_flag]
+    return Options("bf16", compile_on, cuda, cuda and compile_on)
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def _read_yaml(rel: str) -> dict[str, Any]:
+    path = REPO / rel
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of options")
+    return data
+
+
+def build(arch: str, tiny: bool, device: torch.device):
+    """(UNetModel on `device`, SpacedDiffusion) from the arch YAML and the CIFAR10 diffusion YAML."""
+    kwargs = model_and_diffusion_defaults()
+    merged = {**_read_yaml((TINY_ARCHS if tiny else ARCHS)[arch]), **_read_yaml(DIFFUSION_YAML)}
+    kwargs.update({k: v for k, v in merged.items() if k in kwargs})
+    kwargs["channel_mult"] = str(kwargs["channel_mult"])
+    kwargs["attention_resolutions"] = str(kwargs["attention_resolutions"])
+    kwargs["timestep_respacing"] = str(kwargs["timestep_respacing"])
+    model, diffusion = create_model_and_diffusion(**kwargs)
+    diffusion.cache_tables(device)
+    return model.to(device), diffusion
+
+
+def forward_flops(model: torch.nn.Module) -> float:
+    """FLOPs of one batch-1 forward: thop's 2*MACs of the layers plus the attention matmuls thop misses."""
+    from thop import profile
+
+    probe = copy.deepcopy(model).float().cpu().eval()
+    attn: list[float] = []
+
+    def count(module: QKVAttention, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        _, width, length = inputs[0].shape
+        attn.append(4.0 * length * length * width / 3)  # q@k^T and w@v: 2 * (2 * L^2 * C) per item
+
+    hooks = [m.register_forward_hook(count) for m in probe.modules() if isinstance(m, QKVAttention)]
+    x = torch.zeros(1, probe.in_channels, probe.image_size, probe.image_size)
+    with torch.no_grad():
+        macs, _ = profile(probe, inputs=(x, torch.zeros(1)), verbose=False)
+    for h in hooks:
+        h.remove()
+    return 2.0 * float(macs) + sum(attn)
+
+
+def _prepare_model(model: torch.nn.Module, opts: Options) -> torch.nn.Module:
+    return to_channels_last(model) if opts.channels_last else model
+
+
+def _random_pool(pool: DynamicBatch, seed: int) -> None:
+    """Fill the pool with random states at random steps (what a prepared pool looks like, minus the cost)."""
+    rng = np.random.default_rng(seed)
+    total_t = rng.integers(1, pool.T, size=pool.size).astype(np.int64)
+    total_x = rng.standard_normal((pool.size, *pool.image_shape), dtype=np.float32)
+    pool.load_arrays(total_t, total_x, source="benchmark pool")
+
+
+def _train_loop(model, diffusion, batch: int, opts: Options, run_dir: str, loop_cls=TrainLoop, **extra):
+    loop = loop_cls(
+        model=model, diffusion=diffusion, data=iter(()), batch_size=batch, microbatch=-1, lr=1e-4,
+        ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="", use_fp16=True,
+        precision=opts.precision, fp16_scale_growth=1e-3, run_dir=run_dir, **extra,
+    )
+    loop.ddp_model = maybe_compile(loop.ddp_model, opts.compile, name="student UNet")
+    return loop
+
+
+class _KDStepLoop(TrainLoop):
+    """DKDM step used until guided_diffusion.kd_util lands: the pool's draw feeds training_losses_kd."""
+
+    def __init__(self, *, pool: DynamicBatch, **kwargs: Any) -> None:
+        self.pool = pool
+        super().__init__(**kwargs)
+
+    def next_batch(self) -> tuple[torch.Tensor, dict]:
+        b = self.pool.draw()
+        cond = {"t": b["t"], "x_tm1": b["x_tm1"], "weights": b["weights"], **b["teacher_out"]}
+        return b["x_t"], cond
+
+    def compute_losses(self, batch: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict]:
+        cond = dict(cond)
+        t, weights, x_tm1 = cond.pop("t"), cond.pop("weights"), cond.pop("x_tm1")
+        losses = self.diffusion.training_losses_kd(self.ddp_model, batch, t, cond, x_tm1=x_tm1)
+        terms = {k: v.detach() for k, v in losses.items()}
+        terms["t"] = t
+        return (losses["loss"] * weights).mean(), terms
+
+
+def _kd_loop(student, diffusion, teacher, t_diffusion, batch: int, opts: Options, run_dir: str):
+    """The KD loop (kd_util.KDTrainLoop when present) with a randomly filled dynamic pool."""
+    teacher.eval().requires_grad_(False)
+    compiled_teacher = maybe_compile(teacher, opts.compile, mode="reduce-overhead" if opts.cuda_graphs
+                                     else "default", clone_outputs=opts.cuda_graphs, name="teacher UNet")
+    pool = DynamicBatch(
+        compiled_teacher, t_diffusion, batch_size=batch,
+        image_shape=(3, teacher.image_size, teacher.image_size),
+        rho=0.4, student_timesteps=diffusion.num_timesteps, teacher_batch_size=batch,
+        precision=opts.precision, device=next(student.parameters()).device, seed=0,
+    )
+    _random_pool(pool, 0)
+    return _train_loop(student, diffusion, batch, opts, run_dir, loop_cls=_KDStepLoop, pool=pool)
+
+
+def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_dir: str
+              ) -> tuple[Callable[[], None], float]:
+    """(one iteration of the case as a closure, its FLOPs)."""
+    batch = case.tiny_batch if tiny else case.batch
+    torch.manual_seed(0)
+    model, diffusion = build(case.model, tiny, device)
+    fwd = forward_flops(model) * batch
+    if case.kind == "train":
+        model = _prepare_model(model, opts)
+        loop = _train_loop(model, diffusion, batch, opts, run_dir)
+        x = torch.randn(batch, 3, model.image_size, model.image_size, device=device).clamp(-1, 1)
+        return (lambda: loop.run_step(x, {})), 3 * fwd
+    if case.kind == "kd":
+        teacher, t_diffusion = build(case.teacher, tiny, device)
+        t_fwd = forward_flops(teacher) * batch
+        model, teacher = _prepare_model(model, opts), _prepare_model(teacher, opts)
+        loop = _kd_loop(model, diffusion, teacher, t_diffusion, batch, opts, run_dir)
+        return (lambda: loop.run_step(*loop.next_batch())), 3 * fwd + t_fwd
+    model = _prepare_model(model.eval().requires_grad_(False), opts)
+    if case.kind == "sample":
+        net = maybe_compile(model, opts.compile, mode="reduce-overhead" if opts.cuda_graphs else "default",
+                            clone_outputs=opts.cuda_graphs, name="sampling UNet")
+        x = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
+        t = torch.full((batch,), diffusion.num_timesteps // 2, dtype=torch.long, device=device)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]
+        autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda"
+                    else contextlib.nullcontext())
+
+        def sample_step() -> None:
+            with torch.no_grad(), autocast:
+                diffusion.p_sample(net, x, t, clip_denoised=True)
+
+        return sample_step, fwd
+    pool = DynamicBatch(
+        maybe_compile(model, opts.compile, mode="reduce-overhead" if opts.cuda_graphs else "default",
+                      clone_outputs=opts.cuda_graphs, name="teacher UNet"),
+        diffusion, batch_size=batch, image_shape=(3, model.image_size, model.image_size),
+        iter_choice="shuffled_iterative_distillation", teacher_batch_size=batch,
+        precision=opts.precision, device=device, seed=0,
+    )
+    x = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
+    t = torch.full((batch,), diffusion.num_timesteps // 2, dtype=torch.long, device=device)
+    return (lambda: pool.teacher_step(x, t)), fwd
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """The GPU's bf16 dense peak (TFLOP/s) for MFU; None on CPU or an unknown GPU."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def run_case(case: Case, mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Build, warm up, time `args.iters` iterations; return the result row."""
+    opts = mode_options(mode, device, args.compile)
+    with tempfile.TemporaryDirectory() as run_dir:
+        step, flops = make_step(case, opts, args.tiny, device, run_dir)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+    batch = case.tiny_batch if args.tiny else case.batch
+    per_iter = elapsed / args.iters
+    tflops = flops / per_iter / 1e12
+    peak = peak_tflops(device, args.peak_tflops)
+    row = {
+        "case": case.name, "mode": mode, "kind": case.kind, "batch": batch, "tiny": args.tiny,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "unit": "img/s" if case.kind in ("kd", "train") else "img-steps/s",
+        "throughput": batch / per_iter, "ms_per_iter": per_iter * 1e3, "warmup_s": warm_s,
+        "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "flops_per_iter": flops, "tflops": tflops, "mfu": tflops / peak if peak else None,
+        "public": None if args.tiny else PUBLIC[case.name],
+        "options": opts.__dict__,
+    }
+    row["vs_public"] = row["throughput"] / row["public"] if row["public"] else None
+    return row
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+HEADER = ("| case | mode | throughput | unit | ms/iter | peak GPU MiB | TFLOP/s | MFU | x public |\n"
+          "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+
+
+def format_row(r: dict[str, Any]) -> str:
+    """One Markdown table row for a result (or an error) row."""
+    if "error" in r:
+        return f"| {r['case']} | {r['mode']} | error: {r['error']} | | | | | | |"
+    return (f"| {r['case']} | {r['mode']} | {r['throughput']:,.1f} | {r['unit']} | {r['ms_per_iter']:.2f} | "
+            f"{_fmt(r['peak_mem_mib'], ',.0f')} | {r['tflops']:.3f} | {_fmt(r['mfu'], '.1%')} | "
+            f"{_fmt(r['vs_public'], '.2f')} |")
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write the results atomically (temp file in the same dir, fsync, rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="all", help=f"all or a comma list of {','.join(CASES)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=("cuda", "cpu"))
+    p.add_argument("--tiny", action="store_true", help="tiny archs and batches (CPU smoke run, CI)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--mode", default="both", choices=("baseline", "optimized", "both"))
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile in optimized mode (auto: on CUDA only)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (default by GPU)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--json", default=None, help="write the results here (rewritten after every case)")
+    args = p.parse_args(argv)
+    names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    if args.iters < 1 or args.warmup < 0:
+        p.error(f"--iters must be >= 1 and --warmup >= 0; got {args.iters}, {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    args.case_names = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the selected cases in the selected modes; print the table and return (and write) the rows."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" \
+        else torch.device("cpu")
+    modes = ["baseline", "optimized"] if args.mode == "both" else [args.mode]
+    logger.configure(tempfile.mkdtemp(prefix="bench-log-"), format_strs=[])
+    rows: list[dict[str, Any]] = []
+    meta = {"torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
+            "device": args.device, "tiny": args.tiny, "iters": args.iters, "warmup": args.warmup}
+    print(HEADER, flush=True)
+    for name in args.case_names:
+        for mode in modes:
+            if mode == "optimized":
+                configure_cuda_matmul()
+            try:
+                row = run_case(CASES[name], mode, args, device)
+            except torch.OutOfMemoryError as exc:
+                row = {"case": name, "mode": mode, "error": f"out of memory: {str(exc)[:120]}"}
+            rows.append(row)
+            print(format_row(row), flush=True)
+            if args.json:
+                write_json(args.json, {"meta": meta, "results": rows})
+            _release(device)
+    return rows
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
+
+
+if __name__ == "__main__":
+    main()
