@@ -330,12 +330,11 @@ def read_latest(run_dir: PathLike) -> tuple[int, list[str]] | None:
 
 def _check_set(
     run_dir: str,
-    step: int,
     names: Mapping[str, str],
     required: Sequence[str],
     validators: Mapping[str, Callable[[str], Any]],
 ) -> tuple[dict[str, str], list[str]]:
-    """Paths of the roles present at `step` and the problems that make the required set incomplete."""
+    """Paths of the roles present (and readable) and the problems that make the required set incomplete."""
     paths: dict[str, str] = {}
     problems: list[str] = []
     for role, name in names.items():
@@ -375,7 +374,7 @@ def find_resume_set(
 
     def attempt(run_dir: str, step: int) -> tuple[ResumeSet | None, list[str]]:
         names = role_file_names(step, roles, ema_rates, extra)
-        paths, problems = _check_set(run_dir, step, names, required, checks)
+        paths, problems = _check_set(run_dir, names, required, checks)
         return (None, problems) if problems else (ResumeSet(step, run_dir, paths), [])
 
     if os.path.isfile(path) or path.endswith(".pt"):
