@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 from guided_diffusion import logger  # noqa: E402
 from guided_diffusion.compile_util import configure_cuda_matmul, maybe_compile, to_channels_last  # noqa: E402
 from guided_diffusion.dynamic_batch import DynamicBatch  # noqa: E402
+from guided_diffusion.kd_util import KDTrainLoop  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
 from guided_diffusion.unet import QKVAttention  # noqa: E402
@@ -156,8 +157,10 @@ def _random_pool(pool: DynamicBatch, seed: int) -> None:
 
 
 def _train_loop(model, diffusion, batch: int, opts: Options, run_dir: str, loop_cls=TrainLoop, **extra):
+    if loop_cls is TrainLoop:
+        extra["data"] = iter(())
     loop = loop_cls(
-        model=model, diffusion=diffusion, data=iter(()), batch_size=batch, microbatch=-1, lr=1e-4,
+        model=model, diffusion=diffusion, batch_size=batch, microbatch=-1, lr=1e-4,
         ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="", use_fp16=True,
         precision=opts.precision, fp16_scale_growth=1e-3, run_dir=run_dir, **extra,
     )
@@ -165,29 +168,8 @@ def _train_loop(model, diffusion, batch: int, opts: Options, run_dir: str, loop_
     return loop
 
 
-class _KDStepLoop(TrainLoop):
-    """DKDM step used until guided_diffusion.kd_util lands: the pool's draw feeds training_losses_kd."""
-
-    def __init__(self, *, pool: DynamicBatch, **kwargs: Any) -> None:
-        self.pool = pool
-        super().__init__(**kwargs)
-
-    def next_batch(self) -> tuple[torch.Tensor, dict]:
-        b = self.pool.draw()
-        cond = {"t": b["t"], "x_tm1": b["x_tm1"], "weights": b["weights"], **b["teacher_out"]}
-        return b["x_t"], cond
-
-    def compute_losses(self, batch: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict]:
-        cond = dict(cond)
-        t, weights, x_tm1 = cond.pop("t"), cond.pop("weights"), cond.pop("x_tm1")
-        losses = self.diffusion.training_losses_kd(self.ddp_model, batch, t, cond, x_tm1=x_tm1)
-        terms = {k: v.detach() for k, v in losses.items()}
-        terms["t"] = t
-        return (losses["loss"] * weights).mean(), terms
-
-
 def _kd_loop(student, diffusion, teacher, t_diffusion, batch: int, opts: Options, run_dir: str):
-    """The KD loop (kd_util.KDTrainLoop when present) with a randomly filled dynamic pool."""
+    """kd_util.KDTrainLoop over a randomly filled dynamic pool (rho 0.4, as CIFAR10-*-Dynamic-0.4)."""
     teacher.eval().requires_grad_(False)
     compiled_teacher = maybe_compile(teacher, opts.compile, mode="reduce-overhead" if opts.cuda_graphs
                                      else "default", clone_outputs=opts.cuda_graphs, name="teacher UNet")
@@ -198,7 +180,8 @@ def _kd_loop(student, diffusion, teacher, t_diffusion, batch: int, opts: Options
         precision=opts.precision, device=next(student.parameters()).device, seed=0,
     )
     _random_pool(pool, 0)
-    return _train_loop(student, diffusion, batch, opts, run_dir, loop_cls=_KDStepLoop, pool=pool)
+    return _train_loop(student, diffusion, batch, opts, run_dir, loop_cls=KDTrainLoop, teacher=teacher,
+                       teacher_diffusion=t_diffusion, dynamic_batch=pool)
 
 
 def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_dir: str
