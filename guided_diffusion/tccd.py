@@ -1,0 +1,389 @@
+"""TCCD: time-consistent contrastive distillation on top of the DKDM objective.
+
+Two terms join DKDM's `training_losses_kd`: a timestep-noise alignment (a CLIP-style symmetric InfoNCE between
+the student's timestep embedding and an encoding of the noise at the same state, items sharing a timestep
+being positives of each other) and interactive guidance (the student takes its own step x_t -> x~_{t-1} and
+is trained toward the teacher's prediction there). docs/tccd.md gives the equations and the knobs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TCCD_PREFIX = "tccd."
+NOISE_SOURCES = ("teacher_eps", "student_mid")
+MIN_TEMPERATURE = 0.01  # CLIP clamps the logit scale at 100
+MAX_TEMPERATURE = 1.0
+_KD_KEYS = ("mean", "log_variance", "model_output")
+
+TeacherQuery = Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+def tccd_defaults() -> dict[str, Any]:
+    """Every `tccd:` YAML knob with its default (docs/tccd.md says why each value)."""
+    return {
+        "align_weight": 0.1,
+        "interactive_weight": 0.5,
+        "interactive_prob": 0.5,
+        "interactive_every": 0,
+        "interactive_seed": 0,
+        "noise_source": "teacher_eps",
+        "same_t_positives": True,
+        "proj_dim": 128,
+        "temperature_init": 0.07,
+        "encoder_channels": 64,
+    }
+
+
+def resolve_tccd_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`config` over the defaults, checked: unknown keys and bad values raise a one-line ValueError."""
+    resolved = tccd_defaults()
+    for key, value in (config or {}).items():
+        if key not in resolved:
+            raise ValueError(f"tccd: unknown key {key!r} (known: {', '.join(sorted(resolved))})")
+        resolved[key] = value
+    checks = [
+        ("align_weight", resolved["align_weight"] >= 0, "must be >= 0"),
+        ("interactive_weight", resolved["interactive_weight"] >= 0, "must be >= 0"),
+        ("interactive_prob", 0 <= resolved["interactive_prob"] <= 1, "must lie in [0, 1]"),
+        ("interactive_every", resolved["interactive_every"] >= 0, "must be >= 0"),
+        ("noise_source", resolved["noise_source"] in NOISE_SOURCES, f"must be one of {NOISE_SOURCES}"),
+        ("proj_dim", resolved["proj_dim"] >= 1, "must be >= 1"),
+        (
+            "temperature_init",
+            MIN_TEMPERATURE <= resolved["temperature_init"] <= MAX_TEMPERATURE,
+            f"must lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+        ),
+        ("encoder_channels", resolved["encoder_channels"] >= 1, "must be >= 1"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"tccd: {key} {rule}, got {resolved[key]!r}")
+    return resolved
+
+
+def split_prefixed_state(
+    state_dict: Mapping[str, torch.Tensor], prefix: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a checkpoint into the model's own keys and the `prefix`-ed extra module (prefix stripped)."""
+    model_sd: dict[str, torch.Tensor] = {}
+    extra_sd: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix):
+            extra_sd[key[len(prefix) :]] = value
+        else:
+            model_sd[key] = value
+    return model_sd, extra_sd
+
+
+def add_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of `split_prefixed_state` for the extra part: every key gets `prefix`."""
+    return {prefix + key: value for key, value in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timestep-noise alignment
+
+
+def info_nce_timestep(
+    emb_z: torch.Tensor,
+    noise_z: torch.Tensor,
+    t: torch.Tensor,
+    logit_scale: torch.Tensor,
+    same_t_positives: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Symmetric InfoNCE between timestep-embedding and noise views [N, D] (L2-normalized here).
+
+    logits = exp(clamp(logit_scale, 0, log 100)) * e n^T. The target row of anchor i is uniform over
+    {j : t_j == t_i} (just j = i when `same_t_positives` is off); loss = (CE(e->n) + CE(n->e)) / 2.
+    """
+    if emb_z.dim() != 2 or emb_z.shape != noise_z.shape:
+        raise ValueError(f"info_nce_timestep: views must be [N, D] alike, got {tuple(emb_z.shape)} "
+                         f"and {tuple(noise_z.shape)}")
+    if t.shape != emb_z.shape[:1]:
+        raise ValueError(f"info_nce_timestep: t must be [{emb_z.shape[0]}], got {tuple(t.shape)}")
+    e = F.normalize(emb_z.float(), dim=1)
+    n = F.normalize(noise_z.float(), dim=1)
+    scale = logit_scale.float().clamp(0.0, math.log(1.0 / MIN_TEMPERATURE)).exp()
+    logits = scale * (e @ n.t())
+    if same_t_positives:
+        positive = t[:, None] == t[None, :]
+    else:
+        positive = torch.eye(t.shape[0], dtype=torch.bool, device=t.device)
+    targets = positive.float() / positive.sum(dim=1, keepdim=True)
+    # `targets` is symmetric, so the noise->emb direction uses the same rows on the transposed logits.
+    loss_e2n = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    loss_n2e = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+    hit = positive.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean()
+    stats = {"align_acc": hit.detach(), "align_temperature": (1.0 / scale).detach()}
+    return (loss_e2n + loss_n2e) / 2, stats
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    hidden = max(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+
+class NoiseEncoder(nn.Module):
+    """Conv stem + global average pooling + MLP: a vector summary [N, width] of a noise or feature map."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            _group_norm(width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            _group_norm(width),
+            nn.SiLU(),
+        )
+        self.mlp = _mlp(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode [N, C, H, W] into [N, width]."""
+        return self.mlp(self.stem(x).mean(dim=(2, 3)))
+
+
+class TimestepNoiseAlignment(nn.Module):
+    """TCCD stage one: noise encoder, two projection heads and a learnable CLIP logit scale log(1/tau)."""
+
+    def __init__(self, emb_dim: int, noise_channels: int, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        cfg = resolve_tccd_config(config)
+        self.same_t_positives = bool(cfg["same_t_positives"])
+        self.encoder = NoiseEncoder(noise_channels, cfg["encoder_channels"])
+        self.emb_head = _mlp(emb_dim, cfg["proj_dim"])
+        self.noise_head = _mlp(cfg["encoder_channels"], cfg["proj_dim"])
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg["temperature_init"])))
+
+    def forward(
+        self, emb: torch.Tensor, noise_input: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Alignment loss between the timestep embeddings [N, E] and the noise inputs [N, C, H, W] at `t`."""
+        return info_nce_timestep(
+            self.emb_head(emb), self.noise_head(self.encoder(noise_input)), t, self.logit_scale,
+            same_t_positives=self.same_t_positives,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interactive self-supervised guidance
+
+
+def teacher_query_from(teacher: nn.Module, diffusion: Any, clip_denoised: bool = True) -> TeacherQuery:
+    """A `teacher_query(x, t)` that runs the teacher's `p_mean_variance` without gradient."""
+
+    def query(x: torch.Tensor, t: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        with torch.no_grad():
+            return diffusion.p_mean_variance(teacher, x, t, clip_denoised=clip_denoised)
+
+    return query
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached tensor usable in autograd (tensors made under inference_mode are copied)."""
+    return tensor.clone() if tensor.is_inference() else tensor.detach()
+
+
+def _select_kwargs(model_kwargs: Mapping[str, Any] | None, keep: torch.Tensor) -> dict[str, Any]:
+    return {k: v[keep] for k, v in (model_kwargs or {}).items()}
+
+
+def interactive_inputs(
+    student: Any,
+    diffusion: Any,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    teacher_query: TeacherQuery,
+    clip_denoised: bool = True,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The student's own step x_t -> x~_{t-1} (no gradient) and the teacher's prediction at (x~_{t-1}, t-1).
+
+    Returns (x~_{t-1}, t-1, teacher_out, keep) for the items with t > 0 (`keep` marks them in the batch).
+    """
+    keep = t > 0
+    with torch.no_grad():
+        x_prev = diffusion.p_sample(
+            student, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )["sample"]
+        x_sel, t_sel = x_prev[keep], t[keep] - 1
+        if x_sel.shape[0] == 0:
+            return x_sel, t_sel, {}, keep
+        raw = teacher_query(x_sel, t_sel)
+    missing = [k for k in _KD_KEYS if k not in raw]
+    if missing:
+        raise KeyError(f"teacher_query output lacks {missing}; return the teacher's p_mean_variance dict")
+    teacher_out = {k: _plain(v) for k, v in raw.items()}
+    return x_sel, t_sel, teacher_out, keep
+
+
+def interactive_guidance_loss(
+    student: Any,
+    teacher: nn.Module | None,
+    diffusion: Any,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    teacher_query: TeacherQuery | None = None,
+    clip_denoised: bool = True,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """TCCD stage two on its own: the DKDM objective at the student's own next state (items with t > 0).
+
+    `teacher_query(x, t)` returns the teacher's p_mean_variance dict; without it one is built from `teacher`.
+    Returns loss (mean over kept items, 0 if none), mse, vb (when the variance is learned) and count.
+    """
+    if teacher_query is None:
+        if teacher is None:
+            raise ValueError("interactive_guidance_loss needs a teacher or a teacher_query")
+        teacher_query = teacher_query_from(teacher, diffusion, clip_denoised)
+    x_sel, t_sel, teacher_out, keep = interactive_inputs(
+        student, diffusion, x_t, t, teacher_query, clip_denoised, model_kwargs
+    )
+    count = keep.sum()
+    if x_sel.shape[0] == 0:
+        zero = x_t.new_zeros(())
+        return {"loss": zero, "mse": zero, "count": count}
+    terms = diffusion.training_losses_kd(
+        student, x_sel, t_sel, teacher_out, model_kwargs=_select_kwargs(model_kwargs, keep)
+    )
+    return {**{k: v.mean() for k, v in terms.items()}, "count": count}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bundled loss
+
+
+class _FeatureCapture:
+    """Calls the model with `return_features=True`, keeps the features and hands back only the output."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.feats: dict[str, Any] | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.feats is not None:
+            raise RuntimeError("TCCD expects a single student forward per training_losses_kd call")
+        out, self.feats = self.model(x, t, return_features=True, **kwargs)
+        return out
+
+
+class TCCDLoss(nn.Module):
+    """DKDM objective + align_weight * L_align + interactive_weight * L_interactive in one student forward.
+
+    The interactive items (x~_{t-1}, t-1) are appended to the DKDM batch so the student runs once with
+    gradient (DDP-safe); the alignment uses the captured `feats["emb"]` of the DKDM items.
+    """
+
+    def __init__(self, emb_dim: int, noise_channels: int, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = resolve_tccd_config(config)
+        self.alignment = (
+            TimestepNoiseAlignment(emb_dim, noise_channels, self.config)
+            if self.config["align_weight"] > 0
+            else None
+        )
+
+    @classmethod
+    def for_student(cls, student: nn.Module, config: Mapping[str, Any] | None = None) -> TCCDLoss:
+        """Size the module from a UNet student: its embedding width and the chosen noise view's channels."""
+        cfg = resolve_tccd_config(config)
+        channels = student.feature_channels()
+        if cfg["noise_source"] == "teacher_eps":
+            noise_channels = int(student.in_channels)
+        else:
+            noise_channels = int(channels["middle"])
+        return cls(int(channels["emb"]), noise_channels, cfg)
+
+    def interactive_now(self, step: int) -> bool:
+        """Whether `step` runs the interactive branch: every `interactive_every` steps when > 0, otherwise
+        with probability `interactive_prob` from a generator seeded by (interactive_seed, step), so every
+        rank and a resumed run decide alike."""
+        cfg = self.config
+        if cfg["interactive_weight"] == 0:
+            return False
+        if cfg["interactive_every"] > 0:
+            return step % cfg["interactive_every"] == 0
+        gen = torch.Generator().manual_seed(int(cfg["interactive_seed"]) * 1_000_003 + int(step))
+        return bool(torch.rand((), generator=gen).item() < cfg["interactive_prob"])
+
+    def forward(
+        self,
+        student: Any,
+        diffusion: Any,
+        batch: Mapping[str, Any],
+        teacher_query: TeacherQuery,
+        step: int,
+        clip_denoised: bool = True,
+        **kd_kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Terms for one (micro)batch as `DynamicBatch.draw` gives it (x_t, t, teacher_out, weights,
+        model_kwargs). `loss` is the scalar to backpropagate; the rest are detached for logging.
+        `clip_denoised` applies to the student's own step; `kd_kwargs` (e.g. input_perturb) go to
+        `training_losses_kd`."""
+        x_t, t, teacher_out = batch["x_t"], batch["t"], batch["teacher_out"]
+        n = x_t.shape[0]
+        weights = batch.get("weights")
+        weights = torch.ones(n, device=x_t.device) if weights is None else weights
+        model_kwargs = dict(batch.get("model_kwargs") or {})
+
+        xs, ts = [x_t], [t]
+        outs = [{k: _plain(teacher_out[k]) for k in _KD_KEYS}]
+        kwargs_parts = [model_kwargs]
+        n_inter = 0
+        if self.interactive_now(step):
+            x_i, t_i, out_i, keep = interactive_inputs(
+                student, diffusion, x_t, t, teacher_query, clip_denoised, model_kwargs
+            )
+            n_inter = x_i.shape[0]
+            if n_inter:
+                xs.append(x_i)
+                ts.append(t_i)
+                outs.append({k: out_i[k] for k in _KD_KEYS})
+                kwargs_parts.append(_select_kwargs(model_kwargs, keep))
+
+        capture = _FeatureCapture(student)
+        terms = diffusion.training_losses_kd(
+            capture,
+            torch.cat(xs),
+            torch.cat(ts),
+            {k: torch.cat([o[k] for o in outs]) for k in _KD_KEYS},
+            model_kwargs={k: torch.cat([p[k] for p in kwargs_parts]) for k in model_kwargs},
+            **kd_kwargs,
+        )
+        kd = terms["loss"][:n]
+        zero = x_t.new_zeros(())
+        interactive = terms["loss"][n:].mean() if n_inter else zero
+        total = (kd * weights).mean() + self.config["interactive_weight"] * interactive
+        out: dict[str, torch.Tensor] = {
+            "kd": kd.detach(),
+            "interactive": interactive.detach(),
+            "interactive_count": torch.tensor(float(n_inter), device=x_t.device),
+        }
+        for key in ("mse", "vb"):
+            if key in terms:
+                out[key] = terms[key][:n].detach()
+        if self.alignment is not None:
+            feats = capture.feats
+            if feats is None:
+                raise RuntimeError("training_losses_kd did not call the student; TCCD needs its features")
+            if self.config["noise_source"] == "teacher_eps":
+                noise_input = outs[0]["model_output"]
+            else:
+                noise_input = feats["middle"][:n]
+            align, stats = self.alignment(feats["emb"][:n], noise_input, t)
+            total = total + self.config["align_weight"] * align
+            out["align"] = align.detach()
+            out.update(stats)
+        out["loss"] = total
+        return out
