@@ -238,7 +238,7 @@ class Logger:
             mode = os.environ.get("WANDB_MODE") or (None if _has_wandb_credentials() else "offline")
             if mode == "offline" and "WANDB_MODE" not in os.environ:
                 self.log("wandb: no credentials found, logging offline", level=WARN)
-            self._wandb = wandb.init(project=project, config=dict(config or {}), dir=self.dir, mode=mode)
+            self._wandb = wandb.init(project=project, config=_plain(config), dir=self.dir, mode=mode)
         except Exception as exc:  # wandb raises many error types (network, auth, settings)
             self._wandb_disable(f"wandb could not start ({type(exc).__name__}: {exc}); continuing without")
 
@@ -266,6 +266,16 @@ class Logger:
             except Exception as exc:  # finishing an offline/broken run must not crash shutdown
                 self.log(f"WARNING: wandb.finish failed: {exc}", level=WARN)
             self._wandb = None
+
+
+def _plain(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plain dict of `config` (OmegaConf containers resolved) that wandb can serialize."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in (config or {}).items()}
 
 
 def _has_wandb_credentials() -> bool:
@@ -308,10 +318,9 @@ def configure(
     if format_strs is None:
         env = os.environ.get("OPENAI_LOG_FORMAT")
         format_strs = env.split(",") if env else ["stdout", "log", "csv"]
+    os.makedirs(dir, exist_ok=True)
     if rank != 0:
         format_strs = []
-    else:
-        os.makedirs(dir, exist_ok=True)
     formats = [make_output_format(f, dir, log_suffix) for f in format_strs if f]
     if _current is not None:
         _current.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from guided_diffusion import logger
 
@@ -85,6 +86,14 @@ def test_levels_suffix_and_bad_input(tmp_path: Path) -> None:
         logger.configure(dir=str(tmp_path), format_strs=["tensorboard"])
 
 
+def test_configure_without_formats_still_makes_run_dir(tmp_path: Path) -> None:
+    logger.configure(dir=str(tmp_path / "quiet"), format_strs=[])
+    logger.log("nowhere")
+    logger.logkv("a", 1)
+    assert logger.dumpkvs() == {"a": 1}
+    assert (tmp_path / "quiet").is_dir() and not any((tmp_path / "quiet").iterdir())
+
+
 def test_default_logger_writes_stdout_only(capsys: pytest.CaptureFixture) -> None:
     logger.log("before configure")
     assert logger.get_dir() is None
@@ -117,13 +126,15 @@ def test_wandb_receives_dumps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     calls: list = []
     monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger.configure(dir=str(tmp_path), format_strs=["csv"], wandb_project="dkdm", wandb_config={"lr": 1e-4})
+    config = {"lr": 1e-4, "arch": OmegaConf.create({"num_channels": 32})}
+    logger.configure(dir=str(tmp_path), format_strs=["csv"], wandb_project="dkdm", wandb_config=config)
     logger.logkv("step", 5)
     logger.logkv_mean("loss", 0.25)
     logger.dumpkvs()
     logger.reset()
-    assert calls[0] == ("init", {"project": "dkdm", "config": {"lr": 1e-4}, "dir": str(tmp_path),
-                                 "mode": "offline"})
+    assert calls[0] == ("init", {"project": "dkdm", "config": {"lr": 1e-4, "arch": {"num_channels": 32}},
+                                 "dir": str(tmp_path), "mode": "offline"})
+    assert type(calls[0][1]["config"]["arch"]) is dict
     assert calls[1] == ("log", {"step": 5, "loss": 0.25}, 5)
     assert calls[2] == ("finish",)
 
