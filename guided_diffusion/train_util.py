@@ -173,6 +173,7 @@ class TrainLoop:
             self._resume(resume_checkpoint)
         self._acc: dict[str, list[torch.Tensor]] = {}
         self._quart: dict[str, list[torch.Tensor]] = {}
+        self._tick = (time.time(), self.step)
 
     # ----------------------------------------------------------------------------------------- hooks
 
@@ -231,7 +232,6 @@ class TrainLoop:
 
             progress = tqdm(total=self._total_steps(), initial=self.step, desc="train", dynamic_ncols=True)
         last_saved = self.step if self.resume_checkpoint else -1
-        self._tick = (time.time(), self.step)
         try:
             while not self._done():
                 batch, cond = self.next_batch()

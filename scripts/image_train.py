@@ -1,0 +1,69 @@
+"""Train a diffusion model on images (a folder or an .npz): the data-free baselines' training script.
+
+    mpiexec -n 1 python scripts/image_train.py --config yaml/cifar10_32/exp/CIFAR10-57M-Baseline.yaml \
+        --data_dir path/to/synthetic_data [--resume_checkpoint RUN_DIR_OR_PT] [--exp_dir DIR] [--wandb]
+"""
+
+from __future__ import annotations
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.config import build_arg_parser, parse_config_args, primary_section
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.run_setup import (
+    add_run_arguments,
+    build_model_and_diffusion,
+    load_model_weights,
+    start_run,
+)
+from guided_diffusion.train_util import TrainLoop
+
+FLAGS = {
+    "data_dir": str,
+    "resume_checkpoint": str,
+    "batch_size": int,
+    "microbatch": int,
+    "lr": float,
+    "max_steps": int,
+    "log_interval": int,
+    "save_interval": int,
+    "sample_interval": int,
+    "precision": str,
+    "seed": int,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, start the run, build model/diffusion/data and run the training loop."""
+    parser = build_arg_parser("Train a diffusion model on images.", FLAGS)
+    add_run_arguments(parser)
+    args, cfg = parse_config_args(parser, argv)
+    section = primary_section(cfg)
+    run_dir = start_run("train", cfg, args)
+    model, diffusion = build_model_and_diffusion(section, dist_util.dev())
+    if section.model_path and not section.resume_checkpoint:
+        logger.log(f"initializing from {section.model_path}")
+        load_model_weights(model, section.model_path)
+    per_rank_batch = section.batch_size // dist_util.get_world_size()
+    data = load_data(
+        data_dir=section.data_dir, batch_size=per_rank_batch, image_size=section.image_size,
+        class_cond=section.class_cond, seed=section.seed,
+    )
+    TrainLoop(
+        model=model, diffusion=diffusion, data=data, batch_size=per_rank_batch,
+        microbatch=section.microbatch, lr=section.lr, ema_rate=section.ema_rate,
+        log_interval=section.log_interval, save_interval=section.save_interval,
+        resume_checkpoint=section.resume_checkpoint, use_fp16=section.use_fp16, precision=section.precision,
+        fp16_scale_growth=section.fp16_scale_growth,
+        schedule_sampler=create_named_schedule_sampler(section.schedule_sampler, diffusion),
+        weight_decay=section.weight_decay, lr_anneal_steps=section.lr_anneal_steps,
+        max_steps=section.max_steps, grad_clip=section.grad_clip,
+        max_nonfinite_skips=section.max_nonfinite_skips, lr_schedule=section.lr_schedule,
+        seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval,
+    ).run_loop()
+    logger.log(f"training done; checkpoints in {run_dir}")
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    main()
