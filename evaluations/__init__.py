@@ -1,0 +1,1 @@
+"""Sample-quality evaluation (ADM evaluator metrics) and dataset npz builders."""

@@ -1,0 +1,140 @@
+"""Evaluate a sample batch against a reference batch: Inception Score, FID, sFID, Precision, Recall.
+
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [--features inception] [--inception_path FILE]
+
+Prints the ADM evaluator's lines. Inputs are read only; nothing is cached next to them. Bad input exits with
+code 2 and a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from evaluations import metrics  # noqa: E402
+from evaluations.feature_extractors import INCEPTION_LIKE, FeatureExtractor, get_feature_extractor  # noqa: E402
+from evaluations.npz_io import InputError, atomic_write, read_image_npz, read_npz_stats  # noqa: E402
+
+
+def _statistics(
+    path: str, feats: dict[str, np.ndarray | None], use_precomputed: bool
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """(pool stats, spatial stats or None): ADM's stored mu/sigma/mu_s/sigma_s when allowed, else computed."""
+    stored = read_npz_stats(path) if use_precomputed else None
+    if stored is not None:
+        if stored["mu"].shape[-1] != feats["pool"].shape[1]:
+            raise InputError(
+                f"{path}: stored mu has {stored['mu'].shape[-1]} dims, features have {feats['pool'].shape[1]}"
+            )
+        return (stored["mu"], stored["sigma"]), (stored["mu_s"], stored["sigma_s"])
+    pool = metrics.compute_statistics(feats["pool"])
+    spatial = metrics.compute_statistics(feats["spatial"]) if feats.get("spatial") is not None else None
+    return pool, spatial
+
+
+def load_batches(ref_path: str, sample_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate both image batches; they must share the image size."""
+    ref_images = read_image_npz(ref_path)
+    sample_images = read_image_npz(sample_path)
+    if ref_images.shape[1:] != sample_images.shape[1:]:
+        raise InputError(
+            f"{sample_path}: image size {sample_images.shape[1:3]} differs from "
+            f"{ref_path} {ref_images.shape[1:3]}"
+        )
+    return ref_images, sample_images
+
+
+def evaluate(
+    ref_path: str,
+    ref_images: np.ndarray,
+    sample_path: str,
+    sample_images: np.ndarray,
+    extractor: FeatureExtractor,
+    inception_like: bool = True,
+) -> dict[str, float | None]:
+    """All metrics of the sample batch against the reference batch with one feature network (None: n/a)."""
+    print(f"computing reference batch activations {ref_path}...")
+    ref_feats = extractor.features(ref_images)
+    ref_stats, ref_spatial = _statistics(ref_path, ref_feats, inception_like)
+    print(f"computing sample batch activations {sample_path}...")
+    sample_feats = extractor.features(sample_images)
+    sample_stats, sample_spatial = _statistics(sample_path, sample_feats, inception_like)
+    print("Computing evaluations...")
+    logits = sample_feats.get("logits")
+    result: dict[str, float | None] = {
+        "inception_score": metrics.inception_score(logits, from_logits=True) if logits is not None else None,
+        "fid": metrics.frechet_distance(*sample_stats, *ref_stats),
+        "sfid": (
+            metrics.frechet_distance(*sample_spatial, *ref_spatial)
+            if ref_spatial is not None and sample_spatial is not None
+            else None
+        ),
+    }
+    result["precision"], result["recall"] = metrics.precision_recall(ref_feats["pool"], sample_feats["pool"])
+    return result
+
+
+def _print_results(result: dict[str, float | None], spec: str, inception_like: bool) -> None:
+    is_label = "Inception Score:" if inception_like else f"Inception Score ({spec} logits):"
+    for key, label in (("inception_score", is_label), ("fid", "FID:"), ("sfid", "sFID:")):
+        if result[key] is None:
+            print(f"{label[:-1]}: not available for the '{spec}' feature network")
+        else:
+            print(label, result[key])
+    print("Precision:", result["precision"])
+    print("Recall:", result["recall"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line arguments (ADM's two positionals plus the feature-network options)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ref_batch", help="reference batch npz (arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
+    p.add_argument("sample_batch", help="sample batch npz (arr_0 uint8 NHWC)")
+    p.add_argument("--features", default="inception", help="inception | tf | digits | module.path:factory")
+    p.add_argument("--inception_path", default=None, help="FID Inception weights (pt_inception-2015-12-05)")
+    p.add_argument("--weights_path", default=None, help="weights for a plug-in feature network")
+    p.add_argument("--tf_graph", default=None, help="classify_image_graph_def.pb for --features tf")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--json", default=None, help="also write the metrics as JSON to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise InputError(f"--batch_size must be positive, got {args.batch_size}")
+        if args.json:
+            inputs = {os.path.realpath(args.ref_batch), os.path.realpath(args.sample_batch)}
+            if os.path.realpath(args.json) in inputs:
+                raise InputError(f"--json {args.json} would overwrite an input file")
+        ref_images, sample_images = load_batches(args.ref_batch, args.sample_batch)
+        weights = args.inception_path if args.features == "inception" else args.weights_path
+        extractor = get_feature_extractor(args.features, args.device, weights, args.batch_size, args.tf_graph)
+        inception_like = args.features in INCEPTION_LIKE
+        result = evaluate(
+            args.ref_batch, ref_images, args.sample_batch, sample_images, extractor, inception_like
+        )
+    except (InputError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    _print_results(result, args.features, inception_like)
+    if args.json:
+        payload = {"ref_batch": args.ref_batch, "sample_batch": args.sample_batch, "features": args.features}
+        payload.update(result)
+        atomic_write(args.json, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Feature networks behind the evaluator, chosen by a spec string.
+
+`inception` (default): the PyTorch FID Inception-v3 port; `tf`: ADM's TensorFlow graph file; `digits`:
+the small digits CNN; any `module.path:factory` names a plug-in whose factory takes
+(device, weights_path_or_None). Every extractor has
+`features(images_uint8_nhwc) -> dict(pool=[N,D], spatial=[N,S] | None, logits=[N,C] | None)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evaluations.inception import load_inception
+
+SHORT_NAMES = {"digits": "evaluations.digits_features:build_extractor"}
+INCEPTION_LIKE = ("inception", "tf")
+
+
+class FeatureExtractor(Protocol):
+    """Anything with a `features` method over uint8 NHWC images."""
+
+    def features(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
+        """Return dict(pool, spatial, logits); spatial / logits may be None."""
+        ...
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class InceptionExtractor:
+    """Pool / spatial / logits of the PyTorch FID Inception port, in batches with a progress bar."""
+
+    def __init__(
+        self, device: str | torch.device, weights_path: str | None = None, batch_size: int = 64
+    ) -> None:
+        self.device = torch.device(device)
+        self.net = load_inception(weights_path, self.device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
+        """Run the network over uint8 NHWC images; float32 numpy outputs."""
+        pools, spatials, logits = [], [], []
+        for start in tqdm(range(0, len(images), self.batch_size), desc="inception", leave=False):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
+            x = batch.to(self.device).permute(0, 3, 1, 2).float()
+            pool, spatial, logit = self.net(x)
+            pools.append(pool.cpu().numpy())
+            spatials.append(spatial.cpu().numpy())
+            logits.append(logit.cpu().numpy())
+        return {
+            "pool": np.concatenate(pools),
+            "spatial": np.concatenate(spatials),
+            "logits": np.concatenate(logits),
+        }
+
+
+class TFGraphExtractor:
+    """ADM's TensorFlow graph (`classify_image_graph_def.pb`): pool_3, mixed_6/conv[..., :7], logits.
+
+    TensorFlow is imported only here; this backend is not exercised by the tests (no TensorFlow on CI).
+    """
+
+    def __init__(self, graph_path: str, batch_size: int = 64) -> None:
+        import tensorflow.compat.v1 as tf
+
+        tf.disable_v2_behavior()
+        self.tf = tf
+        self.batch_size = batch_size
+        graph_def = tf.GraphDef()
+        with open(graph_path, "rb") as f:
+            graph_def.ParseFromString(f.read())
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.images = tf.placeholder(tf.float32, shape=[None, None, None, 3])
+            pool, spatial, matmul = tf.import_graph_def(
+                graph_def,
+                input_map={"ExpandDims:0": self.images},
+                return_elements=["pool_3:0", "mixed_6/conv:0", "softmax/logits/MatMul"],
+                name="fid",
+            )
+            for op in self.graph.get_operations():
+                for out in op.outputs:
+                    dims = out.get_shape().as_list() if out.get_shape().dims is not None else None
+                    if dims and dims[0] == 1:
+                        out.__dict__["_shape_val"] = tf.TensorShape([None, *dims[1:]])
+            flat_pool = tf.reshape(pool, [-1, 2048])
+            self.outputs = [flat_pool, spatial[..., :7], tf.matmul(flat_pool, matmul.inputs[1])]
+        config = tf.ConfigProto(allow_soft_placement=True)
+        config.gpu_options.allow_growth = True
+        self.sess = tf.Session(graph=self.graph, config=config)
+
+    def features(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
+        """Run the graph over uint8 NHWC images in batches."""
+        pools, spatials, logits = [], [], []
+        for start in tqdm(range(0, len(images), self.batch_size), desc="tf-inception", leave=False):
+            batch = images[start : start + self.batch_size].astype(np.float32)
+            pool, spatial, logit = self.sess.run(self.outputs, {self.images: batch})
+            pools.append(pool)
+            spatials.append(spatial.reshape(len(batch), -1))
+            logits.append(logit)
+        return {
+            "pool": np.concatenate(pools),
+            "spatial": np.concatenate(spatials),
+            "logits": np.concatenate(logits),
+        }
+
+
+def _load_plugin(spec: str, device: str | torch.device, weights_path: str | None) -> FeatureExtractor:
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise ValueError(f"feature spec {spec!r} is neither a known name nor 'module.path:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"feature spec {spec!r}: cannot import {module_name} ({exc})") from exc
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ValueError(f"feature spec {spec!r}: {module_name} has no callable {factory_name}")
+    extractor = factory(device, weights_path)
+    if not callable(getattr(extractor, "features", None)):
+        raise ValueError(f"feature spec {spec!r}: the factory returned an object without features()")
+    return extractor
+
+
+def get_feature_extractor(
+    spec: str = "inception",
+    device: str | torch.device | None = None,
+    weights_path: str | None = None,
+    batch_size: int = 64,
+    tf_graph: str | None = None,
+) -> FeatureExtractor:
+    """Build the extractor a spec names: 'inception', 'tf' (needs tf_graph), 'digits' or 'module:factory'."""
+    device = device or default_device()
+    if spec == "inception":
+        return InceptionExtractor(device, weights_path, batch_size)
+    if spec == "tf":
+        if not tf_graph:
+            raise ValueError("feature spec 'tf' needs --tf_graph classify_image_graph_def.pb")
+        return TFGraphExtractor(tf_graph, batch_size)
+    return _load_plugin(SHORT_NAMES.get(spec, spec), device, weights_path)
