@@ -76,8 +76,9 @@ class MixedPrecisionTrainer:
         dev = self.device
         init_scale = 2.0**initial_lg_loss_scale if precision == "fp16" else 1.0
         self.scale = torch.tensor(init_scale, dtype=torch.float32, device=dev)
-        self.growth_tracker = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.found_inf = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=dev)
+        # 0-dim like torch.amp.GradScaler's: fused AdamW subtracts it in place from its 0-dim step counters.
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=dev)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=dev)
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=dev)
@@ -105,7 +106,7 @@ class MixedPrecisionTrainer:
     @property
     def step_taken(self) -> torch.Tensor:
         """Device scalar: 1.0 when the last `optimize` applied its update, 0.0 when it was skipped."""
-        return 1.0 - self.found_inf[0]
+        return 1.0 - self.found_inf
 
     def zero_grad(self) -> None:
         """Drop all gradients (set to None) before accumulating a new step."""
@@ -135,7 +136,7 @@ class MixedPrecisionTrainer:
             torch._amp_update_scale_(
                 self.scale, self.growth_tracker, self.found_inf, _GROWTH, _BACKOFF, self.growth_interval
             )
-        skipped = self.found_inf[0].to(torch.int64)
+        skipped = self.found_inf.to(torch.int64)
         self.skipped_total += skipped
         self.consecutive_skips.mul_(skipped).add_(skipped)
 
