@@ -1,0 +1,84 @@
+"""DKDM: distill a pretrained teacher into a student of any architecture, data-free.
+
+    mpiexec -n 1 python scripts/image_kd.py --config yaml/cifar10_32/exp/CIFAR10-57M-Dynamic-0.4.yaml \
+        [--resume_checkpoint RUN_DIR_OR_PT] [--exp_dir DIR] [--wandb [PROJECT]]
+
+The teacher loads strictly from `teacher.model_path`; the student is built from the `student` section and
+optionally initialized (strictly) from `student.model_path`. The dynamic batch is prepared first when
+`teacher.tempfile` does not exist. Runs go to experiments/kd/<config stem>-<time> unless --exp_dir.
+"""
+
+from __future__ import annotations
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.config import build_arg_parser, parse_config_args
+from guided_diffusion.kd_util import (
+    KDTrainLoop,
+    check_diffusions,
+    check_sections,
+    check_tempfile,
+    load_teacher,
+    make_dynamic_batch,
+)
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.run_setup import (
+    add_run_arguments,
+    build_model_and_diffusion,
+    load_model_weights,
+    start_run,
+)
+
+FLAGS = {
+    "resume_checkpoint": str,
+    "batch_size": int,
+    "microbatch": int,
+    "lr": float,
+    "max_steps": int,
+    "log_interval": int,
+    "save_interval": int,
+    "cache_save_interval": int,
+    "sample_interval": int,
+    "precision": str,
+    "seed": int,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, build teacher, student and dynamic batch, and run the KD loop."""
+    parser = build_arg_parser("Data-free knowledge distillation of a diffusion model (DKDM).", FLAGS)
+    add_run_arguments(parser)
+    args, cfg = parse_config_args(parser, argv)
+    if "teacher" not in cfg:
+        parser.exit(2, f"{parser.prog}: error: {args.config} is not a KD config (no teacher: section)\n")
+    teacher_s, student_s = cfg.teacher, cfg.student
+    check_sections(teacher_s, student_s)
+    tempfile = check_tempfile(teacher_s)
+    run_dir = start_run("kd", cfg, args)
+    device = dist_util.dev()
+    teacher, teacher_diffusion = load_teacher(teacher_s, device)
+    student, student_diffusion = build_model_and_diffusion(student_s, device)
+    check_diffusions(teacher_diffusion, student_diffusion)
+    if student_s.model_path and not student_s.resume_checkpoint:
+        logger.log(f"initializing the student from {student_s.model_path}")
+        load_model_weights(student, student_s.model_path)
+    pool = make_dynamic_batch(teacher_s, student_s, teacher, teacher_diffusion, student_diffusion, device)
+    KDTrainLoop(
+        teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, tempfile=tempfile,
+        input_perturb=teacher_s.input_perturb, cache_save_interval=student_s.cache_save_interval,
+        model=student, diffusion=student_diffusion, batch_size=pool.batch_size,
+        microbatch=student_s.microbatch, lr=student_s.lr, ema_rate=student_s.ema_rate,
+        log_interval=student_s.log_interval, save_interval=student_s.save_interval,
+        resume_checkpoint=student_s.resume_checkpoint, use_fp16=student_s.use_fp16,
+        precision=student_s.precision, fp16_scale_growth=student_s.fp16_scale_growth,
+        schedule_sampler=create_named_schedule_sampler(student_s.schedule_sampler, student_diffusion),
+        weight_decay=student_s.weight_decay, lr_anneal_steps=student_s.lr_anneal_steps,
+        max_steps=student_s.max_steps, grad_clip=student_s.grad_clip,
+        max_nonfinite_skips=student_s.max_nonfinite_skips, lr_schedule=student_s.lr_schedule,
+        seed=student_s.seed, run_dir=run_dir, sample_interval=student_s.sample_interval,
+    ).run_loop()
+    logger.log(f"distillation done; checkpoints in {run_dir}")
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    main()

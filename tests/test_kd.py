@@ -1,0 +1,225 @@
+"""DKDM loop and scripts: strict teacher, T check, masked and extra losses, exact resume, 2-rank run."""
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from guided_diffusion import logger
+from guided_diffusion.checkpoint import CheckpointMismatchError
+from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.dynamic_cache import load_cache
+from guided_diffusion.kd_util import (
+    KDSetupError,
+    KDTrainLoop,
+    check_diffusions,
+    load_teacher,
+    make_dynamic_batch,
+)
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
+
+torch.set_num_threads(1)  # the CI box has 2 shared cores; more threads only contend
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+MPIEXEC = str(Path(PY).parent / "mpiexec")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def kd_files(tmp_path_factory):
+    """A random tiny teacher checkpoint, a student-arch checkpoint and a KD YAML pointing at them."""
+    root = tmp_path_factory.mktemp("kd")
+    base = load_config(REPO / "tests/configs/tiny_kd.yaml")
+    torch.manual_seed(0)
+    teacher, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(base.teacher))
+    torch.save(teacher.state_dict(), root / "teacher.pt")
+    student, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(base.student))
+    torch.save(student.state_dict(), root / "student.pt")
+    raw = OmegaConf.load(REPO / "tests/configs/tiny_kd.yaml")
+    raw.teacher.model_path = str(root / "teacher.pt")
+    raw.teacher.tempfile = str(root / "pool.cache")
+    config = root / "tiny_kd_run.yaml"
+    OmegaConf.save(raw, config)
+    return root, config
+
+
+def _run(script: str, args: list[str], mpi: int = 0, timeout: int = 120) -> subprocess.CompletedProcess:
+    cmd = [PY, script, *args]
+    if mpi:
+        cmd = [MPIEXEC, "-n", str(mpi), *cmd]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "progress.csv") as f:
+        return {int(float(r["step"])): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_teacher_loads_strictly(kd_files):
+    root, config = kd_files
+    cfg = load_config(config)
+    teacher, diffusion = load_teacher(cfg.teacher, torch.device("cpu"))
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    wrong = OmegaConf.merge(cfg.teacher, {"model_path": str(root / "student.pt")})
+    with pytest.raises(CheckpointMismatchError, match="student.pt"):
+        load_teacher(wrong, torch.device("cpu"))
+    with pytest.raises(KDSetupError, match="model_path"):
+        load_teacher(OmegaConf.merge(cfg.teacher, {"model_path": ""}), torch.device("cpu"))
+
+
+def test_teacher_and_student_must_share_T():
+    d20 = create_gaussian_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine")
+    d10 = create_gaussian_diffusion(
+        steps=20, learn_sigma=True, noise_schedule="cosine", timestep_respacing="10"
+    )
+    check_diffusions(d20, create_gaussian_diffusion(steps=20, noise_schedule="linear", learn_sigma=True))
+    with pytest.raises(KDSetupError, match="T=20.*T=10"):
+        check_diffusions(d20, d10)
+
+
+class ScaledEps(torch.nn.Module):
+    """An extra loss with a trainable weight: loss = w * mean(middle features^2) per item (the student's
+    output layer starts at zero, its features do not)."""
+
+    needs_features = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.seen_features = None
+
+    def forward(self, loop, batch):
+        self.seen_features = batch["student_features"]
+        assert batch["student_output"].shape == batch["x_t"].shape[:1] + (6,) + batch["x_t"].shape[2:]
+        per_item = batch["student_features"]["middle"].pow(2).flatten(1).mean(dim=1)
+        return {"loss": self.w * per_item, "raw": per_item}
+
+
+def _loop(cfg, tmp_path, prob=1.0, extra=None):
+    logger.configure(str(tmp_path / "run"), format_strs=[])
+    device = torch.device("cpu")
+    teacher, teacher_diffusion = load_teacher(cfg.teacher, device)
+    torch.manual_seed(1)
+    student, student_diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(cfg.student))
+    section = OmegaConf.merge(cfg.teacher, {"prob": prob, "iter_choice": "shuffled_iterative_distillation"})
+    pool = make_dynamic_batch(section, cfg.student, teacher, teacher_diffusion, student_diffusion, device)
+    pool.prepare(progress=False)
+    return KDTrainLoop(
+        teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, extra_losses=extra,
+        model=student, diffusion=student_diffusion, batch_size=pool.batch_size, microbatch=-1, lr=1e-3,
+        ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="",
+        run_dir=str(tmp_path / "run"),
+    )
+
+
+def test_masked_loss_is_mean_over_kept_items_and_extra_losses_train(kd_files, tmp_path):
+    _, config = kd_files
+    cfg = load_config(config)
+    extra = ScaledEps()
+    loop = _loop(cfg, tmp_path, prob=0.5, extra={"scaled": extra})
+    assert any(p is extra.w for p in loop.mp_trainer.params)
+    x_t, cond = loop.next_batch()
+    cond["weights"] = torch.tensor([2.0, 0.0, 2.0, 0.0])  # items 0 and 2 kept, normalized as next_batch does
+    loss, terms = loop.compute_losses(x_t, cond)
+    kd = terms["loss"]
+    expected = (kd[[0, 2]] + 0.5 * terms["scaled_raw"][[0, 2]]).mean()
+    torch.testing.assert_close(loss, expected)
+    assert set(extra.seen_features) >= {"emb", "middle"}
+    weights = loop.next_batch()[1]["weights"]
+    kept = weights > 0
+    torch.testing.assert_close(weights[kept].sum(), torch.tensor(float(weights.numel())))
+    before = extra.w.detach().clone()
+    loop.run_step(*loop.next_batch())
+    assert not torch.equal(before, extra.w.detach())
+
+
+def test_cache_mismatch_with_world_size_is_clear(kd_files, tmp_path):
+    _, config = kd_files
+    cfg = load_config(config)
+    loop = _loop(cfg, tmp_path)
+    path = tmp_path / "small.cache"
+    loop.dynamic_batch.save(str(path))
+    loop.dynamic_batch.world_size, loop.dynamic_batch.rank = 2, 1
+    with pytest.raises(Exception, match=r"small\.cache: holds 4 items .* 8 are needed"):
+        loop.dynamic_batch.load_slice(str(path))
+
+
+def test_prepare_script_then_image_kd_resumes_exactly(kd_files, tmp_path):
+    root, config = kd_files
+    _run("scripts/dynamic_prepare.py", ["--config", str(config), "--exp_dir", str(tmp_path / "prep")])
+    pool = load_cache(root / "pool.cache", T=20)
+    assert pool["total_t"].shape[0] == round(0.4 * 20) * 4
+    assert (pool["total_t"] >= 1).all() and (pool["total_t"] <= 19).all()
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    short = ["--config", str(config), "--max_steps", "4", "--save_interval", "2"]
+    _run("scripts/image_kd.py", [*short, "--exp_dir", str(full)])
+    for step in (2, 4):
+        for name in (f"model{step:06d}.pt", f"opt{step:06d}.pt", f"teacher-state-{step:06d}.cache"):
+            assert (full / name).is_file(), name
+    resume = ["--resume_checkpoint", str(full / "model000002.pt")]
+    _run("scripts/image_kd.py", [*short, "--exp_dir", str(resumed), *resume])
+    a = torch.load(full / "model000004.pt", weights_only=True)
+    b = torch.load(resumed / "model000004.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_losses, resumed_losses = _losses(full), _losses(resumed)
+    assert sorted(resumed_losses) == [3, 4]
+    assert all(resumed_losses[s] == full_losses[s] for s in (3, 4))
+    pa = load_cache(full / "teacher-state-000004.cache")
+    pb = load_cache(resumed / "teacher-state-000004.cache")
+    np.testing.assert_array_equal(pa["total_t"], pb["total_t"])
+    np.testing.assert_array_equal(pa["total_x_t_1"], pb["total_x_t_1"])
+
+
+DUMP_PARAMS = textwrap.dedent(
+    """
+    import runpy, sys, torch
+    from guided_diffusion import dist_util, kd_util
+
+    out = sys.argv.pop(1)
+    original = kd_util.KDTrainLoop.run_loop
+
+    def run_and_dump(self):
+        original(self)
+        torch.save(self.model.state_dict(), f"{out}/rank{dist_util.get_rank()}.pt")
+
+    kd_util.KDTrainLoop.run_loop = run_and_dump
+    sys.argv[0] = "scripts/image_kd.py"
+    runpy.run_path("scripts/image_kd.py", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.mpi
+def test_two_ranks_prepare_and_train_in_sync(kd_files, tmp_path):
+    _, config = kd_files
+    raw = OmegaConf.load(config)
+    raw.teacher.tempfile = str(tmp_path / "mpi_pool.cache")
+    mpi_config = tmp_path / "mpi_kd.yaml"
+    OmegaConf.save(raw, mpi_config)
+    wrapper = tmp_path / "dump.py"
+    wrapper.write_text(DUMP_PARAMS)
+    run = tmp_path / "run"
+    args = [str(tmp_path), "--config", str(mpi_config), "--exp_dir", str(run), "--max_steps", "2",
+            "--save_interval", "2"]
+    _run(str(wrapper), args, mpi=2)  # the cache is absent: both ranks prepare it first
+    n_per_rank = round(0.4 * 20) * 2
+    pool = load_cache(tmp_path / "mpi_pool.cache", T=20)
+    assert pool["total_t"].shape[0] == 2 * n_per_rank
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    saved = load_cache(run / "teacher-state-000002.cache", T=20)
+    assert saved["total_t"].shape[0] == 2 * n_per_rank
+    moved = saved["total_t"] != pool["total_t"]
+    # 2 steps x 2 drawn items per rank, each rank in its own slice (an item may be drawn twice)
+    assert 2 <= moved[:n_per_rank].sum() <= 4 and 2 <= moved[n_per_rank:].sum() <= 4
