@@ -178,6 +178,11 @@ class DynamicBatch:
     def _noise(self, n: int) -> torch.Tensor:
         return torch.randn((n, *self.image_shape), generator=self.noise_gen, device=self.device)
 
+    @staticmethod
+    def _to(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A fresh host tensor on ``device`` without a host sync (an async copy from host memory)."""
+        return host if device.type == "cpu" else host.to(device, non_blocking=True)
+
     def teacher_step(
         self, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -191,7 +196,8 @@ class DynamicBatch:
 
     def _allocate(self, n: int) -> None:
         pin = self.pool_device.type == "cpu" and self.device.type == "cuda"
-        self.total_t = torch.empty((n,), dtype=torch.int64, device=self.pool_device, pin_memory=pin)
+        # The steps stay in (pageable) host memory wherever the states live: draws read them without a sync.
+        self.total_t = torch.empty((n,), dtype=torch.int64)
         self.total_x = torch.empty((n, *self.image_shape), device=self.pool_device, pin_memory=pin)
 
     # ----------------------------------------------------------------------------------------------------
@@ -218,14 +224,14 @@ class DynamicBatch:
         for t in range(self.T - 1, int(sorted_ends[0]) - 1, -1):
             active = int(torch.searchsorted(sorted_ends, t, right=True))
             for start in range(0, active, self.teacher_batch_size):
-                idx = order[start : min(active, start + self.teacher_batch_size)].to(self.pool_device)
+                idx = self._to(order[start : min(active, start + self.teacher_batch_size)], self.pool_device)
                 x = self.total_x[idx].to(self.device, non_blocking=True)
                 tt = torch.full((idx.numel(),), t, dtype=torch.int64, device=self.device)
                 x_tm1, _ = self.teacher_step(x, tt)
                 self.total_x[idx] = x_tm1.to(self.pool_device)
                 bar.update(idx.numel())
         bar.close()
-        self.total_t.copy_(ends.to(self.pool_device))
+        self.total_t.copy_(ends)
 
     def load_arrays(self, total_t: np.ndarray, total_x: np.ndarray, source: str = "pool state") -> None:
         """Install this rank's pool from arrays of exactly ``self.size`` items (validated)."""
@@ -277,30 +283,34 @@ class DynamicBatch:
             raise RuntimeError("the dynamic batch has no pool; call setup(), prepare() or load_state_dict()")
 
     def draw(self) -> dict[str, Any]:
-        """Advance B pool items (random ones in the dynamic mode, all otherwise) one teacher step."""
+        """Advance B pool items (random ones in the dynamic mode, all otherwise) one teacher step.
+
+        The steps (``total_t``) live in host memory, so which items restart from noise is decided on the host
+        and the draw never waits for the GPU; indices reach the device by asynchronous copies.
+        """
         self._require_pool()
         if self.iter_choice == DYNAMIC:
             idx = torch.randperm(self.size, generator=self.index_gen)[: self.batch_size]
         else:
             idx = torch.arange(self.size)
         keep = torch.rand(self.batch_size, generator=self.index_gen) < self.prob
-        idx = idx.to(self.pool_device)
-        k = self.total_t[idx].to(self.device)
-        x = self.total_x[idx].to(self.device, non_blocking=True)
-        done = k == 0
-        if bool(done.any()):
-            x[done] = self._noise(int(done.sum()))
-            k = torch.where(done, torch.full_like(k, self.T), k)
-        t = k - 1
-        x_tm1, out = self.teacher_step(x, t)
-        self.total_t[idx] = t.to(self.pool_device)
-        self.total_x[idx] = x_tm1.to(self.pool_device)
+        k = self.total_t[idx]
+        done = (k == 0).numpy()
+        t = torch.where(k == 0, torch.full_like(k, self.T), k) - 1
+        x = self.total_x[self._to(idx, self.pool_device)].to(self.device, non_blocking=True)
+        n_done = int(done.sum())
+        if n_done:
+            x[self._to(torch.from_numpy(done.nonzero()[0]), self.device)] = self._noise(n_done)
+        t_dev = self._to(t, self.device)
+        x_tm1, out = self.teacher_step(x, t_dev)
+        self.total_t[idx] = t
+        self.total_x[self._to(idx, self.pool_device)] = x_tm1.to(self.pool_device)
         return {
             "x_t": x,
             "x_tm1": x_tm1.clone(),
-            "t": t,
+            "t": t_dev,
             "teacher_out": {name: value.clone() for name, value in out.items()},
-            "weights": keep.float().to(self.device),
+            "weights": self._to(keep.float(), self.device),
             "model_kwargs": {},
         }
 
