@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import dist_util
 
@@ -101,6 +102,14 @@ def pixel_embeddings(feat: torch.Tensor) -> torch.Tensor:
     return F.normalize(feat.float().permute(0, 2, 3, 1).reshape(-1, feat.shape[1]), dim=1)
 
 
+def _block_kl(
+    s_rows: torch.Tensor, s_keys: torch.Tensor, t_rows: torch.Tensor, t_keys: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    log_p_s = F.log_softmax(s_rows @ s_keys.t() / temperature, dim=1)
+    log_p_t = F.log_softmax(t_rows @ t_keys.t() / temperature, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+
+
 def _relation_kl(
     s_rows: torch.Tensor,
     s_keys: torch.Tensor,
@@ -109,14 +118,19 @@ def _relation_kl(
     temperature: float,
     chunk_size: int | None,
 ) -> torch.Tensor:
-    """Mean over rows i of KL(softmax(t_i . t_keys / T) || softmax(s_i . s_keys / T)), in row blocks."""
+    """Mean over rows i of KL(softmax(t_i . t_keys / T) || softmax(s_i . s_keys / T)), in row blocks.
+
+    With several blocks under autograd each block is recomputed in backward (activation checkpointing),
+    so only one [block, keys] similarity is alive at a time in either pass.
+    """
     rows = s_rows.shape[0]
     step = rows if chunk_size is None else max(1, int(chunk_size))
+    recompute = step < rows and torch.is_grad_enabled()
     total = s_rows.new_zeros(())
     for start in range(0, rows, step):
-        log_p_s = F.log_softmax(s_rows[start : start + step] @ s_keys.t() / temperature, dim=1)
-        log_p_t = F.log_softmax(t_rows[start : start + step] @ t_keys.t() / temperature, dim=1)
-        total = total + (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+        args = (s_rows[start : start + step], s_keys, t_rows[start : start + step], t_keys, temperature)
+        block = checkpoint(_block_kl, *args, use_reentrant=False) if recompute else _block_kl(*args)
+        total = total + block
     return total / rows
 
 
