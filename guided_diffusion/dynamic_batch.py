@@ -187,12 +187,21 @@ class DynamicBatch:
         self, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One ancestral teacher step at ``t`` (the diffusion's ``p_mean_variance`` plus our own noise)."""
-        with torch.inference_mode(), self._autocast():
-            out = self.diffusion.p_mean_variance(self.teacher, x_t, t, clip_denoised=self.clip_denoised)
-            out = {k: v.float() for k, v in out.items()}
+        out = self._predict(x_t, t)
+        with torch.inference_mode():
             nonzero = (t != 0).float().view(-1, *([1] * (x_t.dim() - 1)))
             x_tm1 = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * self._noise(x_t.shape[0])
         return x_tm1, out
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode(), self._autocast():
+            out = self.diffusion.p_mean_variance(self.teacher, x_t, t, clip_denoised=self.clip_denoised)
+            return {k: v.float() for k, v in out.items()}
+
+    def teacher_prediction(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's ``p_mean_variance`` at (x_t, t) without gradient, as ordinary tensors (no RNG use);
+        for extra objectives that query the teacher on other states (e.g. the student's own next state)."""
+        return {k: v.clone() for k, v in self._predict(x_t, t).items()}
 
     def _allocate(self, n: int) -> None:
         pin = self.pool_device.type == "cpu" and self.device.type == "cuda"
