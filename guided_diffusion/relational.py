@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -257,11 +256,6 @@ def _sync_queue_counters(module: nn.Module, incompatible_keys: Any) -> None:
     module._filled = int(module.filled)
 
 
-def distributed_world() -> int:
-    """World size of the initialized default process group (1 when none is)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def projection_head(in_channels: int, out_channels: int) -> nn.Module:
     """RDD's student head: 1x1 conv, BatchNorm, ReLU, 1x1 conv into the teacher's width. With several ranks
     in a process group the BatchNorm becomes SyncBatchNorm (PyTorch supports that on GPU tensors only)."""
@@ -271,7 +265,7 @@ def projection_head(in_channels: int, out_channels: int) -> nn.Module:
         nn.ReLU(inplace=True),
         nn.Conv2d(out_channels, out_channels, 1),
     )
-    if distributed_world() > 1:
+    if dist_util.get_world_size() > 1:
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     return head
 

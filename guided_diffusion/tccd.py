@@ -322,7 +322,7 @@ class TCCDLoss(nn.Module):
         student: Any,
         diffusion: Any,
         batch: Mapping[str, Any],
-        teacher_query: TeacherQuery,
+        teacher_query: TeacherQuery | None,
         step: int,
         clip_denoised: bool = True,
         **kd_kwargs: Any,
@@ -342,6 +342,8 @@ class TCCDLoss(nn.Module):
         kwargs_parts = [model_kwargs]
         n_inter = 0
         if self.interactive_now(step):
+            if teacher_query is None:
+                raise ValueError(f"TCCD step {step} is interactive but no teacher_query was given")
             x_i, t_i, out_i, keep = interactive_inputs(
                 student, diffusion, x_t, t, teacher_query, clip_denoised, model_kwargs
             )

@@ -248,8 +248,12 @@ def test_student_mid_source_encodes_the_middle_block(models):
     student, teacher, diffusion = models
     tccd = TCCDLoss.for_student(student, {"noise_source": "student_mid", "interactive_prob": 0.0, **SMALL})
     assert tccd.alignment.encoder.stem[0].in_channels == student.feature_channels()["middle"]
-    out = tccd(student, diffusion, make_batch(teacher, diffusion, torch.tensor([1, 4, 9])), None, step=1)
+    batch = make_batch(teacher, diffusion, torch.tensor([1, 4, 9]))
+    out = tccd(student, diffusion, batch, None, step=1)
     assert torch.isfinite(out["loss"]) and out["interactive_count"].item() == 0
+    always = TCCDLoss.for_student(student, {"interactive_every": 1, **SMALL})
+    with pytest.raises(ValueError, match="no teacher_query"):
+        always(student, diffusion, batch, None, step=0)
 
 
 def test_prefixed_state_round_trip():
