@@ -68,7 +68,7 @@ def evaluate(
     sample_feats = extractor.features(sample_images)
     sample_stats, sample_spatial = _statistics(sample_path, sample_feats, inception_like)
     print("Computing evaluations...")
-    logits = sample_feats.get("logits")
+    logits = sample_feats.get("logits") if inception_like else None
     result: dict[str, float | None] = {
         "inception_score": metrics.inception_score(logits, from_logits=True) if logits is not None else None,
         "fid": metrics.frechet_distance(*sample_stats, *ref_stats),
@@ -82,9 +82,8 @@ def evaluate(
     return result
 
 
-def _print_results(result: dict[str, float | None], spec: str, inception_like: bool) -> None:
-    is_label = "Inception Score:" if inception_like else f"Inception Score ({spec} logits):"
-    for key, label in (("inception_score", is_label), ("fid", "FID:"), ("sfid", "sFID:")):
+def _print_results(result: dict[str, float | None], spec: str) -> None:
+    for key, label in (("inception_score", "Inception Score:"), ("fid", "FID:"), ("sfid", "sFID:")):
         if result[key] is None:
             print(f"{label[:-1]}: not available for the '{spec}' feature network")
         else:
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    _print_results(result, args.features, inception_like)
+    _print_results(result, args.features)
     if args.json:
         payload = {"ref_batch": args.ref_batch, "sample_batch": args.sample_batch, "features": args.features}
         payload.update(result)

@@ -14,6 +14,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import softmax as sp_softmax
 
 from evaluations import evaluator, metrics
+from evaluations.feature_extractors import get_feature_extractor
 from evaluations.inception import InceptionV3FID, load_inception, tf_resize_bilinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +184,8 @@ def test_cli_with_plugin_features(tmp_path, plugin, capsys):
     out = tmp_path / "m.json"
     assert evaluator.main([ref, sample, "--features", plugin, "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "sFID: not available" in text and "FID: " in text and "Precision: " in text
+    assert "sFID: not available" in text and "Inception Score: not available" in text
+    assert "FID: " in text and "Precision: " in text and "Recall: " in text
     result = __import__("json").loads(out.read_text())
     assert result["fid"] > 0 and result["sfid"] is None and result["inception_score"] is None
     assert evaluator.main([ref, ref, "--features", plugin]) == 0
@@ -251,3 +253,14 @@ def test_cli_end_to_end_with_random_inception(tmp_path, weights_file):
     for key in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
         assert np.isfinite(float(lines[key])), key
     assert float(lines["FID"]) > 0 and float(lines["Inception Score"]) >= 1.0
+
+
+def test_registry_resolves_digits_and_rejects_bad_specs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        get_feature_extractor("digits", "cpu", str(tmp_path / "absent.pt"))
+    with pytest.raises(ValueError, match="module.path:factory"):
+        get_feature_extractor("nonsense", "cpu")
+    with pytest.raises(ValueError, match="cannot import"):
+        get_feature_extractor("no_such_module_xyz:build", "cpu")
+    with pytest.raises(ValueError, match="--tf_graph"):
+        get_feature_extractor("tf", "cpu")
