@@ -26,7 +26,7 @@ class CompiledWithFallback:
     """
 
     def __init__(self, fn: Callable, *, mode: str = "default", dynamic: bool | None = False,
-                 clone_outputs: bool = False, name: str | None = None) -> None:
+                 clone_outputs: bool = False, name: str | None = None, backend: str = "inductor") -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
         self.fn = fn
@@ -35,8 +35,8 @@ class CompiledWithFallback:
         self.clone_outputs = clone_outputs
         self.failed = False
         try:
-            self.compiled: Callable | None = torch.compile(fn, mode=None if mode == "default" else mode,
-                                                           dynamic=dynamic)
+            options = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}
+            self.compiled: Callable | None = torch.compile(fn, backend=backend, dynamic=dynamic, **options)
         except Exception as exc:  # torch.compile itself is unavailable (old torch, unsupported platform)
             self._give_up(exc)
 
@@ -77,11 +77,16 @@ def _clone_tensors(out: Any) -> Any:
 
 
 def maybe_compile(fn: Callable, enabled: bool, *, mode: str = "default", dynamic: bool | None = False,
-                  clone_outputs: bool = False, name: str | None = None) -> Callable:
-    """`fn` compiled with an eager fallback when `enabled`, else `fn` itself (the plain path)."""
+                  clone_outputs: bool = False, name: str | None = None,
+                  backend: str = "inductor") -> Callable:
+    """`fn` compiled with an eager fallback when `enabled`, else `fn` itself (the plain path).
+
+    `backend` other than "inductor" (e.g. "aot_eager", which traces without generating kernels) is for tests.
+    """
     if not enabled:
         return fn
-    return CompiledWithFallback(fn, mode=mode, dynamic=dynamic, clone_outputs=clone_outputs, name=name)
+    return CompiledWithFallback(fn, mode=mode, dynamic=dynamic, clone_outputs=clone_outputs, name=name,
+                                backend=backend)
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,173 @@
+"""The optimized paths compute what the plain paths compute (CPU, fp32); the KD step reads nothing back."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import compile_util, logger
+from guided_diffusion.compile_util import CompiledWithFallback, maybe_compile, to_channels_last
+from guided_diffusion.dynamic_batch import DynamicBatch
+from guided_diffusion.kd_util import KDTrainLoop
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model
+from guided_diffusion.train_util import TrainLoop
+
+torch.set_num_threads(1)  # 2 shared cores: more threads only contend on tiny models
+
+
+def _model(seed: int = 0, attention: str = "4") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(
+        8, 32, 1, channel_mult="1,2", learn_sigma=True, class_cond=False, use_checkpoint=False,
+        attention_resolutions=attention, num_heads=4, num_head_channels=16, num_heads_upsample=-1,
+        use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False,
+        use_new_attention_order=True,
+    )
+    with torch.no_grad():  # the zero-initialised output convs would hide any difference
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _diffusion():
+    return create_gaussian_diffusion(
+        steps=20, learn_sigma=True, noise_schedule="cosine", timestep_respacing=""
+    )
+
+
+@pytest.fixture(autouse=True)
+def _log_dir(tmp_path):
+    logger.configure(str(tmp_path / "log"), format_strs=[])
+
+
+def test_compiled_unet_matches_eager_forward_and_backward():
+    model = _model()
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 7, 19])
+    compiled = maybe_compile(model, True, backend="aot_eager", name="test UNet")
+    out = compiled(x, t)
+    assert not compiled.failed
+    ref = model(x, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    model = _model()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    warnings = []
+    monkeypatch.setattr(compile_util.logger, "warn", lambda *a: warnings.append(" ".join(map(str, a))))
+    wrapped = CompiledWithFallback(model, name="broken")
+    torch.testing.assert_close(wrapped(x, t), model(x, t), rtol=0, atol=0)
+    assert wrapped.failed and len(warnings) == 1 and "broken" in warnings[0]
+    assert wrapped.image_size == 8  # module attributes still reachable through the wrapper
+    with pytest.raises(RuntimeError, match="size"):
+        wrapped(torch.randn(2, 5, 8, 8), t)  # a genuine error surfaces from the eager call
+
+
+def test_disabled_compile_is_the_plain_module():
+    model = _model()
+    assert maybe_compile(model, False) is model
+    with pytest.raises(ValueError, match="compile mode"):
+        CompiledWithFallback(model, mode="fastest")
+
+
+def _train_losses(model, steps: int = 3) -> list[float]:
+    diffusion = _diffusion()
+    loop = TrainLoop(model=model, diffusion=diffusion, data=iter(()), batch_size=4, microbatch=-1, lr=1e-3,
+                     ema_rate="0.9", log_interval=0, save_interval=0, resume_checkpoint="", seed=0)
+    torch.manual_seed(1)
+    batch = torch.rand(4, 3, 8, 8) * 2 - 1
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(len(losses) + 10)
+        np.random.seed(len(losses) + 10)  # the uniform timestep sampler draws from numpy
+        loop.run_step(batch, {})
+        total, count = loop._acc["loss"]
+        losses.append(float(total) / count)
+        loop._acc.clear()
+    return losses
+
+
+def test_channels_last_training_gives_the_same_loss_sequence():
+    plain = _train_losses(_model())
+    fast = _train_losses(to_channels_last(_model()))
+    assert len(plain) == 3 and plain[0] != plain[2]  # training moves the loss
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+
+
+def _kd_loop(tmp_path) -> KDTrainLoop:
+    teacher, student = _model(1), _model(2, attention="")
+    diffusion = _diffusion()
+    pool = DynamicBatch(teacher.eval().requires_grad_(False), diffusion, batch_size=4, image_shape=(3, 8, 8),
+                        rho=0.4, seed=0)
+    pool.prepare(progress=False)
+    pool.total_t[:2] = 0  # two items restart from noise in the first draws
+    return KDTrainLoop(teacher=teacher, teacher_diffusion=diffusion, dynamic_batch=pool, model=student,
+                       diffusion=diffusion, batch_size=4, microbatch=2, lr=1e-3, ema_rate="0.9",
+                       log_interval=0, save_interval=0, resume_checkpoint="", run_dir=str(tmp_path))
+
+
+def test_kd_step_reads_no_tensor_back_to_the_host(tmp_path, monkeypatch):
+    """Counts host reads (item, bool, int, float, tolist) during draws and steps. Allowed are the two CPU-only
+    ones: the optimizer-skip flag MixedPrecisionTrainer reads on CPU and the foreach AdamW's CPU step counter
+    (on CUDA the fused AdamW reads the flag and keeps its step counters on the device)."""
+    loop = _kd_loop(tmp_path)
+    reads: list[str] = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            import traceback
+
+            caller = traceback.extract_stack(limit=2)[0]
+            reads.append(f"{name} at {caller.filename.rsplit('/', 1)[-1]}:{caller.name}")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    for _ in range(3):
+        loop.run_step(*loop.next_batch())
+    monkeypatch.undo()
+    allowed = {"item at mixed_precision.py:_step", "item at optimizer.py:_get_value"}
+    assert sorted({r for r in reads if r not in allowed}) == []
+    assert reads.count("item at mixed_precision.py:_step") == 3  # the CPU-only flag, once per step
+    assert loop.step == 3
+
+
+def test_sync_free_draw_keeps_the_pool_semantics(tmp_path):
+    loop = _kd_loop(tmp_path)
+    pool = loop.dynamic_batch
+    before = pool.total_t.clone()
+    state = copy.deepcopy(pool.rng_state())
+    batch = pool.draw()
+    changed = (pool.total_t != before).nonzero().flatten()
+    assert changed.numel() == 4
+    # drawn items advanced one step; restarted ones (k = 0) start again at T - 1
+    expected = torch.where(before[changed] == 0, torch.full_like(changed, pool.T), before[changed]) - 1
+    assert sorted(pool.total_t[changed].tolist()) == sorted(expected.tolist())
+    assert sorted(batch["t"].tolist()) == sorted(expected.tolist())
+    assert torch.equal(pool.total_x[changed.sort().values], batch["x_tm1"][batch_order(pool, state)])
+
+
+def batch_order(pool: DynamicBatch, state: dict) -> torch.Tensor:
+    """Positions in the batch of the drawn items sorted by pool index (replays the index draw)."""
+    gen = torch.Generator()
+    gen.set_state(state["index_rng"])
+    idx = torch.randperm(pool.size, generator=gen)[: pool.batch_size]
+    return idx.argsort()
