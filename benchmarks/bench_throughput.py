@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,8 +364,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 configure_cuda_matmul()
             try:
                 row = run_case(CASES[name], mode, args, device)
-            except torch.OutOfMemoryError as exc:
-                row = {"case": name, "mode": mode, "error": f"out of memory: {str(exc)[:120]}"}
+            except Exception as exc:  # a failing case (OOM, compile bug) must not cost the others' numbers
+                traceback.print_exc()
+                row = {"case": name, "mode": mode, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
             rows.append(row)
             print(format_row(row), flush=True)
             if args.json:
