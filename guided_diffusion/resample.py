@@ -51,6 +51,12 @@ class UniformSampler(ScheduleSampler):
         """All ones."""
         return self._weights
 
+    def sample(self, batch_size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw on `device` from torch's default generator there (seeded by the run seed, saved with the
+        loop's RNG state): no numpy draw and no host-to-device copy, so the train step never waits."""
+        indices = torch.randint(0, len(self._weights), (batch_size,), device=device)
+        return indices, torch.ones(batch_size, device=device)
+
 
 class LossAwareSampler(ScheduleSampler):
     """A sampler whose weights follow the training losses it is told about."""
