@@ -127,7 +127,7 @@ def plot_loss_curve(curve: Mapping[str, list[float]], path: str | os.PathLike) -
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "mse", "vb"):
-        if key in curve:
+        if key in curve and max(curve[key]) > 0:  # a log axis cannot show an all-zero term
             ax.plot(curve["step"], curve[key], label=key)
     ax.set_xlabel("student step")
     ax.set_ylabel("DKDM loss")
