@@ -300,11 +300,14 @@ class TrainLoop:
             g.copy_(part.view_as(g))
 
     def _update_ema(self) -> None:
-        # A skipped (non-finite) step leaves the EMA untouched: the lerp weight is 0 on device.
+        # ema += (1 - rate) * taken * (param - ema): a skipped (non-finite) step has taken = 0 on the device.
+        # The weight stays a device tensor; `_foreach_lerp_` would read it back as a host scalar every step.
         taken = self.mp_trainer.step_taken
         current = [p.detach() for p in self.model_params]
         for rate, ema in zip(self.ema_rate, self.ema_params, strict=True):
-            torch._foreach_lerp_(ema, current, (1.0 - rate) * taken)
+            delta = torch._foreach_sub(current, ema)
+            torch._foreach_mul_(delta, (1.0 - rate) * taken)
+            torch._foreach_add_(ema, delta)
 
     # ----------------------------------------------------------------------------------------- logging
 
