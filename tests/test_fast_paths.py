@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import traceback
 
-import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from guided_diffusion import compile_util, logger
 from guided_diffusion.compile_util import CompiledWithFallback, maybe_compile, to_channels_last
@@ -92,8 +93,7 @@ def _train_losses(model, steps: int = 3) -> list[float]:
     batch = torch.rand(4, 3, 8, 8) * 2 - 1
     losses = []
     for _ in range(steps):
-        torch.manual_seed(len(losses) + 10)
-        np.random.seed(len(losses) + 10)  # the uniform timestep sampler draws from numpy
+        torch.manual_seed(len(losses) + 10)  # timesteps and noise both come from torch's generator
         loop.run_step(batch, {})
         total, count = loop._acc["loss"]
         losses.append(float(total) / count)
@@ -148,6 +148,39 @@ def test_kd_step_reads_no_tensor_back_to_the_host(tmp_path, monkeypatch):
     assert sorted({r for r in reads if r not in allowed}) == []
     assert reads.count("item at mixed_precision.py:_step") == 3  # the CPU-only flag, once per step
     assert loop.step == 3
+
+
+def _caller_frame(filename: str) -> bool:
+    """Our code or torch.optim, not torch's dispatch/dynamo wrappers in between."""
+    return "/torch/" not in filename or "/torch/optim/" in filename
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Records where `aten._local_scalar_dense` runs: every tensor-to-host-scalar read, including those the
+    C++ argument parser makes when a 0-dim tensor is passed where an op expects a Python number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frame = next(f for f in reversed(traceback.extract_stack()[:-1]) if _caller_frame(f.filename))
+            self.sites.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.name}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_kd_step_converts_no_tensor_to_a_host_scalar(tmp_path):
+    """Catches what the Python-level count cannot, e.g. a device weight passed to `_foreach_lerp_` as a
+    Scalar (the EMA used to do that: one host sync per step)."""
+    loop = _kd_loop(tmp_path)
+    loop.run_step(*loop.next_batch())  # optimizer state exists from here on
+    with _ScalarReads() as reads:
+        for _ in range(2):
+            loop.run_step(*loop.next_batch())
+    allowed = {"mixed_precision.py:_step", "optimizer.py:_get_value"}  # CPU only, as above
+    assert sorted(set(reads.sites) - allowed) == []
+    assert reads.sites.count("mixed_precision.py:_step") == 2
 
 
 def test_sync_free_draw_keeps_the_pool_semantics(tmp_path):
