@@ -180,8 +180,9 @@ class DynamicBatch:
 
     @staticmethod
     def _to(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A fresh host tensor on ``device`` without a host sync (an async copy from host memory)."""
-        return host if device.type == "cpu" else host.to(device, non_blocking=True)
+        """A fresh host tensor on ``device`` without a host sync: staged in pinned memory (a copy from
+        pageable memory may wait for the stream), then copied asynchronously."""
+        return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
 
     def teacher_step(
         self, x_t: torch.Tensor, t: torch.Tensor
