@@ -203,6 +203,16 @@ class KDTrainLoop(TrainLoop):
 # --------------------------------------------------------------------------------------------- builders
 
 
+def kd_loop_for(cfg: Mapping[str, Any]) -> tuple[type[KDTrainLoop], dict[str, Any]]:
+    """The loop class for a KD config and its method keyword arguments: with a `tccd:` section the TCCD
+    loop (`tccd_util.TCCDTrainLoop`, docs/tccd.md), otherwise plain DKDM."""
+    if "tccd" in cfg:
+        from .tccd_util import TCCDTrainLoop
+
+        return TCCDTrainLoop, {"tccd_config": dict(cfg["tccd"])}
+    return KDTrainLoop, {}
+
+
 def check_diffusions(teacher_diffusion: Any, student_diffusion: Any) -> None:
     """Teacher and student may differ in respacing only if they keep the same number of steps T."""
     t_teacher, t_student = teacher_diffusion.num_timesteps, student_diffusion.num_timesteps

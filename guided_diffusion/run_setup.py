@@ -14,11 +14,13 @@ import torch
 from omegaconf import DictConfig
 
 from . import dist_util, logger
-from .checkpoint import load_state_dict_strict, safe_torch_load
+from .checkpoint import load_state_dict_strict, safe_torch_load, unwrap_state_dict
 from .config import SOURCE_KEY, model_and_diffusion_kwargs, primary_section, save_config, validate_world_size
 from .script_util import create_model_and_diffusion
+from .tccd import TCCD_PREFIX
 
 EXPERIMENTS_DIR = "experiments"
+METHOD_STATE_PREFIXES = (TCCD_PREFIX,)  # extra modules that training loops save inside the model files
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,5 +80,16 @@ def build_model_and_diffusion(
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a checkpoint into `model` strictly; errors name the file and the mismatching keys."""
-    load_state_dict_strict(model, safe_torch_load(path), source=path)
+    """Load a checkpoint into `model` strictly; errors name the file and the mismatching keys. Training-only
+    state of a method (keys under `METHOD_STATE_PREFIXES`, e.g. TCCD's heads) is dropped, with a log line,
+    unless `model` itself has such keys; any other unexpected key still fails."""
+    state, notes = unwrap_state_dict(safe_torch_load(path), path)
+    for note in notes:
+        logger.log(f"note: {note}")
+    own = model.state_dict()
+    for prefix in METHOD_STATE_PREFIXES:
+        dropped = [k for k in state if k.startswith(prefix)]
+        if dropped and not any(k.startswith(prefix) for k in own):
+            logger.log(f"{path}: ignoring {len(dropped)} training-only '{prefix}' keys (not model weights)")
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    load_state_dict_strict(model, state, source=path)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import build_arg_parser, parse_config_args
 from guided_diffusion.kd_util import (
-    KDTrainLoop,
     check_diffusions,
     check_sections,
     check_tempfile,
+    kd_loop_for,
     load_teacher,
     make_dynamic_batch,
 )
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.log(f"initializing the student from {student_s.model_path}")
         load_model_weights(student, student_s.model_path)
     pool = make_dynamic_batch(teacher_s, student_s, teacher, teacher_diffusion, student_diffusion, device)
-    KDTrainLoop(
+    loop_class, method_kwargs = kd_loop_for(cfg)
+    loop_class(
         teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, tempfile=tempfile,
         input_perturb=teacher_s.input_perturb, cache_save_interval=student_s.cache_save_interval,
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size,
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         weight_decay=student_s.weight_decay, lr_anneal_steps=student_s.lr_anneal_steps,
         max_steps=student_s.max_steps, grad_clip=student_s.grad_clip,
         max_nonfinite_skips=student_s.max_nonfinite_skips, lr_schedule=student_s.lr_schedule,
-        seed=student_s.seed, run_dir=run_dir, sample_interval=student_s.sample_interval,
+        seed=student_s.seed, run_dir=run_dir, sample_interval=student_s.sample_interval, **method_kwargs,
     ).run_loop()
     logger.log(f"distillation done; checkpoints in {run_dir}")
     dist_util.cleanup()
