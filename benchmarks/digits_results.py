@@ -1,0 +1,828 @@
+"""The digits benchmark behind docs/RESULTS.md: DKDM vs baselines vs TCCD vs RDD at equal steps, one teacher.
+
+    python benchmarks/digits_results.py --out DIR --steps N [--methods reference,teacher,dkdm,baseline,real,
+        tccd,pd,rdd] [--eval_every K] [--num_samples M] [--device cuda|cpu] [--seed S] [--budget_s SEC]
+
+Every trained method runs through the real scripts (dynamic_prepare, image_kd, image_sample, image_train) as
+subprocesses with one seed and the same number of steps; each exact command is logged. EMA checkpoints saved
+every K steps are sampled (M images) and scored with the digits feature network (digits-FID, precision,
+recall against the reference split). After every method DIR/results.json (merged over calls), results.md
+(tables for docs/RESULTS.md), fid_over_steps.png and grids/<row>.png are rewritten atomically, so a call cut
+off by a time limit still leaves the numbers of the methods it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from benchmarks.plot_results import plot_fid_over_steps  # noqa: E402
+from guided_diffusion.checkpoint import atomic_write_bytes, parse_step  # noqa: E402
+from guided_diffusion.config import ConfigError, load_config, primary_section  # noqa: E402
+from guided_diffusion.digits_demo import score  # noqa: E402
+from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
+from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
+
+ALL_METHODS = ("reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd")
+TEACHER_YAML = "yaml/digits_32/teacher.yaml"
+TEACHER_ARCH = "yaml/digits_32/arch/teacher.yaml"
+DIFFUSION_YAML = "yaml/digits_32/diffusion.yaml"
+TEACHER_CKPT = "model/digits32_teacher.pt"
+RDD_CONFIG_DIR = "yaml/digits_32/exp/rdd"
+EMA_CHOICES = (0.9999, 0.999, 0.995, 0.99, 0.9)
+# settings that must agree across calls writing into the same DIR (rows are compared with each other)
+SHARED_SETTINGS = ("steps", "num_samples", "seed", "respacing", "ema_rate", "batch_size")
+
+
+@dataclass(frozen=True)
+class TrainedMethod:
+    """A method trained by a real script: its YAML, how its data or pool is made, which table it joins."""
+
+    name: str
+    label: str
+    script: str
+    config: str  # repo-relative YAML, or "" when found in RDD_CONFIG_DIR by name
+    table: str  # "main" or "rdd"
+    needs_pool: bool = False  # DKDM-style: prepare the dynamic batch first
+    data: str = ""  # "" (data-free, no data), "teacher_samples" or "real"
+    own_grid: bool = False  # sample on the config's own (ddimN) grid instead of --respacing
+
+
+TRAINED: dict[str, TrainedMethod] = {
+    m.name: m
+    for m in (
+        TrainedMethod(
+            "dkdm",
+            "DKDM (data-free)",
+            "scripts/image_kd.py",
+            "yaml/digits_32/exp/Digits-DKDM.yaml",
+            "main",
+            needs_pool=True,
+        ),
+        TrainedMethod(
+            "baseline",
+            "Baseline (teacher samples)",
+            "scripts/image_train.py",
+            "yaml/digits_32/exp/Digits-Baseline.yaml",
+            "main",
+            data="teacher_samples",
+        ),
+        TrainedMethod(
+            "real",
+            "Real data (train split)",
+            "scripts/image_train.py",
+            "yaml/digits_32/exp/Digits-Real.yaml",
+            "main",
+            data="real",
+        ),
+        TrainedMethod(
+            "tccd",
+            "TCCD (data-free)",
+            "scripts/image_kd.py",
+            "yaml/digits_32/exp/Digits-TCCD.yaml",
+            "main",
+            needs_pool=True,
+        ),
+        TrainedMethod(
+            "pd", "PD 8->4 steps", "scripts/image_kd.py", "", "rdd", data="teacher_samples", own_grid=True
+        ),
+        TrainedMethod(
+            "rdd", "RDD 8->4 steps", "scripts/image_kd.py", "", "rdd", data="teacher_samples", own_grid=True
+        ),
+    )
+}
+
+
+class BenchError(ValueError):
+    """Bad arguments or an output dir made with other settings; the message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def auto_ema_rate(steps: int) -> str:
+    """The slowest EMA in EMA_CHOICES whose weight on the initialization after `steps` is below e^-5."""
+    for rate in EMA_CHOICES:
+        if steps * -math.log(rate) >= 5.0:
+            return str(rate)
+    return str(EMA_CHOICES[-1])
+
+
+def find_rdd_config(method: str, config_dir: Path = REPO_ROOT / RDD_CONFIG_DIR) -> Path:
+    """The one YAML in `config_dir` for `method` ('pd': name has 'pd' but not 'rdd'; 'rdd': has 'rdd')."""
+    names = sorted(Path(p) for p in glob.glob(str(config_dir / "*.yaml")))
+    if method == "rdd":
+        found = [p for p in names if "rdd" in p.name.lower()]
+    else:
+        found = [p for p in names if "pd" in p.name.lower() and "rdd" not in p.name.lower()]
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"expected one {method} config in {config_dir}, found {[p.name for p in found]}; "
+            f"pass --{method}_config"
+        )
+    return found[0]
+
+
+def display_command(argv: Sequence[str]) -> str:
+    """A command as RESULTS.md quotes it: `python` for this interpreter, repo paths relative to the repo."""
+    shown = ["python" if a == sys.executable else a for a in argv]
+    prefix = str(REPO_ROOT) + os.sep
+    return shlex.join(a[len(prefix) :] if a.startswith(prefix) else a for a in shown)
+
+
+def json_ready(obj: Any) -> Any:
+    """`obj` with non-finite floats as None and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_derived_config(src: Path, dst: Path, edits: Mapping[str, Any]) -> dict[str, Any]:
+    """Write `src` to `dst` with dotted-key `edits` (e.g. `teacher.tempfile`) applied; returns the edits."""
+    raw = OmegaConf.to_container(OmegaConf.load(src), resolve=False)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: not a YAML mapping")
+    for dotted, value in edits.items():
+        node = raw
+        *parents, key = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{src}: no '{part}:' section for {dotted}")
+            node = node[part]
+        node[key] = value
+    header = f"# derived by benchmarks/digits_results.py from {display_command([str(src)])}\n"
+    atomic_write_bytes((header + OmegaConf.to_yaml(OmegaConf.create(raw))).encode(), str(dst))
+    return dict(edits)
+
+
+def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
+    """EMA checkpoints `ema_<rate>_NNNNNN.pt` of a run dir by step."""
+    return {parse_step(p): Path(p) for p in glob.glob(str(run_dir / "ema_*_*.pt"))}
+
+
+def eval_order(steps: Sequence[int], every: int) -> list[int]:
+    """The final step first (the table's number), then every K-th step ascending (the curve)."""
+    if not steps:
+        return []
+    final = max(steps)
+    rest = sorted(s for s in steps if s != final and every > 0 and s % every == 0)
+    return [final, *rest]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _main_row(row: Mapping[str, Any]) -> str:
+    return (
+        f"| {row.get('label', row['name'])} | {row.get('status', '')} | {_fmt(row.get('steps'), 'd')} "
+        f"| {_fmt(row.get('fid'), '.2f')} | {_fmt(row.get('precision'), '.3f')} "
+        f"| {_fmt(row.get('recall'), '.3f')} | {_fmt(row.get('params'), ',d')} "
+        f"| {_fmt(row.get('train_wall_s'), '.1f')} | {_fmt(row.get('total_wall_s'), '.1f')} |"
+    )
+
+
+MAIN_HEADER = (
+    "| method | status | steps | digits-FID | precision | recall | params | train wall s | total wall s |\n"
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+def compare(rows: Mapping[str, Any], a: str, b: str) -> dict[str, Any] | None:
+    """`b` against `a` by digits-FID (lower is better): difference, relative change, the better one."""
+    ra, rb = rows.get(a, {}), rows.get(b, {})
+    if ra.get("fid") is None or rb.get("fid") is None:
+        return None
+    diff = rb["fid"] - ra["fid"]
+    better = "tie" if diff == 0 else (b if diff < 0 else a)
+    return {
+        "fid_a": ra["fid"],
+        "fid_b": rb["fid"],
+        "diff": diff,
+        "relative": diff / ra["fid"] if ra["fid"] else None,
+        "better": better,
+    }
+
+
+def _comparison_lines(rows: Mapping[str, Any], a: str, b: str) -> list[str]:
+    cmp = compare(rows, a, b)
+    la, lb = rows.get(a, {}).get("label", a), rows.get(b, {}).get("label", b)
+    if cmp is None:
+        return [f"{lb} vs {la}: not both evaluated yet."]
+    lines = [
+        "| | " + la + " | " + lb + " | difference (" + b + " - " + a + ") |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, spec in (("fid", ".2f"), ("precision", ".3f"), ("recall", ".3f")):
+        va, vb = rows[a].get(key), rows[b].get(key)
+        diff = _fmt(vb - va, "+" + spec) if va is not None and vb is not None else "n/a"
+        lines.append(
+            f"| {'digits-FID' if key == 'fid' else key} | {_fmt(va, spec)} | {_fmt(vb, spec)} | {diff} |"
+        )
+    if cmp["better"] == "tie":
+        verdict = f"{lb} and {la} tie on digits-FID."
+    else:
+        winner = rows[cmp["better"]].get("label", cmp["better"])
+        rel = f" ({abs(cmp['relative']) * 100:.1f}% of {la}'s FID)" if cmp["relative"] is not None else ""
+        verdict = f"**{winner} is better** by {abs(cmp['diff']):.2f} digits-FID{rel}."
+    return [*lines, "", verdict]
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """Markdown for docs/RESULTS.md: reference rows, main table, TCCD vs DKDM, RDD table, curve, commands."""
+    s = results["settings"]
+    rows = results.get("rows", {})
+    out = [
+        "# Digits benchmark results",
+        "",
+        f"Device: {s.get('device_name', s.get('device'))}. Seed {s['seed']}, {s['steps']} training steps per "
+        f"method, batch {s['batch_size'] or 'as in the YAML'}, EMA {s['ema_rate']}, {s['num_samples']} "
+        f"samples per evaluation, {s['respacing']} sampling steps unless noted; digits-FID, precision, recall"
+        " against the reference split in the feature space of model/digits32_features.pt.",
+        "",
+        "Runner calls that made these numbers:",
+        "",
+        *[f"    {c}" for c in results.get("invocations", [])],
+        "",
+        "## Reference points",
+        "",
+        "| row | sampler | digits-FID | precision | recall | params | wall s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows.values():
+        if row.get("table") == "reference":
+            out.append(
+                f"| {row['label']} | {row.get('sampler', '')} | {_fmt(row.get('fid'), '.2f')} "
+                f"| {_fmt(row.get('precision'), '.3f')} | {_fmt(row.get('recall'), '.3f')} "
+                f"| {_fmt(row.get('params'), ',d')} | {_fmt(row.get('total_wall_s'), '.1f')} |"
+            )
+    out += ["", "## Equal steps from the same teacher", "", MAIN_HEADER]
+    out += [_main_row(row) for row in rows.values() if row.get("table") == "main"]
+    out += ["", "## TCCD vs DKDM (equal steps)", "", *_comparison_lines(rows, "dkdm", "tccd")]
+    out += ["", "## RDD: 8-step teacher, 4-step PD and RDD students (equal steps)", "", MAIN_HEADER]
+    if "teacher_ddim8" in rows:
+        out.append(_main_row({**rows["teacher_ddim8"], "steps": None}))
+    out += [_main_row(row) for row in rows.values() if row.get("table") == "rdd"]
+    out += ["", *_comparison_lines(rows, "pd", "rdd")]
+    curves = {n: r for n, r in rows.items() if r.get("curve")}
+    if curves:
+        steps = sorted({p["step"] for r in curves.values() for p in r["curve"]})
+        out += [
+            "",
+            "## digits-FID over training steps",
+            "",
+            "![FID over steps](fid_over_steps.png)",
+            "",
+            "| step | " + " | ".join(r["label"] for r in curves.values()) + " |",
+            "| ---: |" + " ---: |" * len(curves),
+        ]
+        for step in steps:
+            cells = [
+                _fmt(next((p["fid"] for p in r["curve"] if p["step"] == step), None), ".2f")
+                for r in curves.values()
+            ]
+            out.append(f"| {step} | " + " | ".join(cells) + " |")
+    out += ["", "## Commands", ""]
+    for row in rows.values():
+        if row.get("commands"):
+            out.append(f"{row['label']}:")
+            out.append("")
+            out += [f"    {c}" for c in row["commands"]]
+            if row.get("config_edits"):
+                edits = ", ".join(f"{k}={v}" for k, v in row["config_edits"].items())
+                out.append(f"    # {row['config']} = {row['source_config']} with {edits}")
+            out.append("")
+    failures = [r for r in rows.values() if r.get("error")]
+    if failures:
+        out += ["## Not finished", ""] + [f"- {r['label']}: {r['status']}: {r['error']}" for r in failures]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+class DigitsBenchmark:
+    """One runner call: shared data and feature network, the merged results, the time budget."""
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
+        from datasets.digits import write_digits32
+        from evaluations.feature_extractors import get_feature_extractor
+
+        self.args = args
+        self.start = time.perf_counter()
+        self.deadline = self.start + args.budget_s if args.budget_s else math.inf
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(args.device)
+        self.env = dict(os.environ)
+        if self.device.type == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
+        self.settings = {
+            "steps": args.steps,
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            "respacing": args.respacing,
+            "ema_rate": args.ema_rate,
+            "batch_size": args.batch_size,
+            "eval_every": args.eval_every,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
+        }
+        self.results = self._load_previous()
+        self.results["invocations"].append(display_command(["python", "benchmarks/digits_results.py", *argv]))
+        self.data_paths = write_digits32(Path(args.data_dir).resolve())
+        with np.load(self.data_paths["ref"]) as ref, np.load(self.data_paths["train"]) as train:
+            ref_images, self.train_images = ref["arr_0"], train["arr_0"]
+        self.extractor = get_feature_extractor("digits", self.device)
+        self.ref_feats = self.extractor.features(ref_images)["pool"]
+
+    def _load_previous(self) -> dict[str, Any]:
+        path = self.out / "results.json"
+        if not path.is_file():
+            return {"settings": self.settings, "invocations": [], "artifacts": {}, "rows": {}}
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError as exc:
+            raise BenchError(f"{path}: unreadable results file ({exc})") from exc
+        old = previous.get("settings", {})
+        differ = [k for k in SHARED_SETTINGS if old.get(k) != self.settings[k]]
+        if differ:
+            pairs = ", ".join(f"{k} {old.get(k)!r} -> {self.settings[k]!r}" for k in differ)
+            raise BenchError(f"{path} was made with other settings ({pairs}); use another --out")
+        previous["settings"] = self.settings
+        return previous
+
+    # ---- bookkeeping
+
+    def time_left(self) -> float:
+        """Seconds left of --budget_s (inf without a budget)."""
+        return self.deadline - time.perf_counter()
+
+    def save(self) -> None:
+        """Rewrite results.json, results.md and the FID-over-steps PNG atomically."""
+        atomic_write_bytes(
+            json.dumps(json_ready(self.results), indent=2).encode(), str(self.out / "results.json")
+        )
+        atomic_write_bytes(render_markdown(self.results).encode(), str(self.out / "results.md"))
+        plot_fid_over_steps(self.results, self.out / "fid_over_steps.png")
+
+    def put_row(self, row: dict[str, Any]) -> None:
+        """Record a finished (or failed) row and write every output at once."""
+        self.results["rows"][row["name"]] = json_ready(row)
+        self.save()
+        print(
+            f"[digits results] {row['name']}: {row['status']} fid={_fmt(row.get('fid'), '.2f')}", flush=True
+        )
+
+    def score_row(self, row: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
+        """Add digits-FID / precision / recall of `images` to `row` and save its grid."""
+        row.update(score(self.extractor, self.ref_feats, images))
+        row["grid"] = str(Path("grids") / f"{row['name']}.png")
+        save_grid(images, str(self.out / row["grid"]))
+        return row
+
+    def run_command(self, argv: list[str], log_name: str, timeout: float) -> tuple[int, float, bool]:
+        """Run a script (cwd: the repo) logging to logs/<log_name>.log; (exit code, wall s, timed out)."""
+        log_path = self.out / "logs" / f"{log_name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[digits results] $ {display_command(argv)}", flush=True)
+        begin = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                rc = proc.wait(timeout=max(timeout, 1.0) if math.isfinite(timeout) else None)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                rc, timed_out = -1, True
+        return rc, time.perf_counter() - begin, timed_out
+
+    def log_tail(self, log_name: str, lines: int = 3) -> str:
+        """The last lines of a command's log, joined on one line (for the row's error)."""
+        text = (self.out / "logs" / f"{log_name}.log").read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def sample(self, model: torch.nn.Module, diffusion: Any, use_ddim: bool) -> np.ndarray:
+        """M images from `model` with the run's seed (fp32)."""
+        return sample_images(
+            model,
+            diffusion,
+            num_samples=self.args.num_samples,
+            batch_size=min(self.args.num_samples, self.args.sample_batch_size),
+            image_size=32,
+            use_ddim=use_ddim,
+            clip_denoised=True,
+            seed=self.args.seed,
+            progress=False,
+        )
+
+    def build(self, config: str | Path, respacing: str) -> tuple[torch.nn.Module, Any]:
+        """Model and diffusion of a config's primary section, resampled on `respacing`, in eval mode."""
+        section = primary_section(load_config(REPO_ROOT / config))
+        section.timestep_respacing = respacing
+        model, diffusion = build_model_and_diffusion(section, self.device)
+        return model.eval(), diffusion
+
+    # ---- reference rows
+
+    def run_reference(self) -> None:
+        """Floors and ceilings: real train vs ref, uniform noise, an untrained teacher-arch model."""
+        m, rng = self.args.num_samples, np.random.default_rng(self.args.seed)
+        begin = time.perf_counter()
+        pick = rng.choice(len(self.train_images), size=min(m, len(self.train_images)), replace=False)
+        row = {
+            "name": "real_train",
+            "label": "real digits, train split (floor)",
+            "table": "reference",
+            "sampler": "data",
+            "status": "done",
+        }
+        self.score_row(row, self.train_images[np.sort(pick)])
+        self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
+        begin = time.perf_counter()
+        row = {
+            "name": "noise",
+            "label": "uniform noise images",
+            "table": "reference",
+            "sampler": "noise",
+            "status": "done",
+        }
+        self.score_row(row, rng.integers(0, 256, size=(m, 32, 32, 3), dtype=np.uint8))
+        self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
+        begin = time.perf_counter()
+        torch.manual_seed(self.args.seed)
+        model, diffusion = self.build(TEACHER_YAML, self.args.respacing)
+        row = {
+            "name": "untrained",
+            "label": "untrained teacher arch (random init)",
+            "table": "reference",
+            "sampler": f"{self.args.respacing} steps",
+            "status": "done",
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+        self.score_row(row, self.sample(model, diffusion, use_ddim=False))
+        self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
+
+    def run_teacher(self) -> None:
+        """The shipped teacher on the benchmark's grid and on the 8-step DDIM grid (RDD's N-step teacher)."""
+        for name, respacing in (("teacher", self.args.respacing), ("teacher_ddim8", "ddim8")):
+            begin = time.perf_counter()
+            model, diffusion = self.build(TEACHER_YAML, respacing)
+            load_model_weights(model, str(REPO_ROOT / TEACHER_CKPT))
+            use_ddim = respacing.startswith("ddim")
+            row = {
+                "name": name,
+                "label": f"shipped teacher ({respacing}{'' if use_ddim else ' steps'})",
+                "table": "reference",
+                "sampler": respacing if use_ddim else f"{respacing} steps",
+                "status": "done",
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+            self.score_row(row, self.sample(model, diffusion, use_ddim))
+            self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
+
+    # ---- trained methods
+
+    def teacher_samples(self, row: dict[str, Any]) -> str:
+        """The baseline's synthetic set (teacher samples via image_sample.py), made once per DIR."""
+        known = self.results["artifacts"].get("teacher_samples")
+        if known and Path(known["path"]).is_file():
+            row["commands"].append(known["command"])
+            row["data_wall_s"] = known["wall_s"]
+            return known["path"]
+        count = self.args.baseline_samples or len(self.train_images)
+        out_dir = self.out / "teacher_samples"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        argv = [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "image_sample.py"),
+            "--config",
+            TEACHER_YAML,
+            "--model_path",
+            TEACHER_CKPT,
+            "--num_samples",
+            str(count),
+            "--batch_size",
+            str(min(count, self.args.sample_batch_size)),
+            "--timestep_respacing",
+            self.args.respacing,
+            "--use_ddim",
+            "False",
+            "--seed",
+            str(self.args.seed),
+            "--output_dir",
+            str(out_dir),
+        ]
+        rc, wall, timed_out = self.run_command(argv, "teacher_samples", self.time_left())
+        found = sorted(glob.glob(str(out_dir / "samples_*.npz")))
+        if rc != 0 or not found:
+            raise RuntimeError(
+                f"teacher sampling {'timed out' if timed_out else 'failed'}: "
+                f"{self.log_tail('teacher_samples')}"
+            )
+        self.results["artifacts"]["teacher_samples"] = {
+            "path": found[0],
+            "count": count,
+            "wall_s": wall,
+            "command": display_command(argv),
+        }
+        row["commands"].append(display_command(argv))
+        row["data_wall_s"] = wall
+        return found[0]
+
+    def method_config(self, spec: TrainedMethod) -> Path:
+        """The method's source YAML (pd/rdd: --pd_config / --rdd_config or found in RDD_CONFIG_DIR)."""
+        given = getattr(self.args, f"{spec.name}_config", None)
+        if given:
+            path = Path(given)
+        elif spec.config:
+            path = REPO_ROOT / spec.config
+        else:
+            path = find_rdd_config(spec.name)
+        path = path if path.is_absolute() else (REPO_ROOT / path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec.name} config not found: {path}")
+        return path
+
+    def config_edits(self, spec: TrainedMethod, src: Path, data_path: str | None) -> dict[str, Any]:
+        """What the derived YAML changes: EMA (all), grid and pool path (DKDM/TCCD), x_0 data (PD/RDD)."""
+        raw = OmegaConf.to_container(OmegaConf.load(src), resolve=False)
+        kd = isinstance(raw, dict) and "student" in raw
+        edits: dict[str, Any] = {("student.ema_rate" if kd else "ema_rate"): self.args.ema_rate}
+        if spec.needs_pool:
+            edits["teacher.tempfile"] = str(self.out / "pools" / f"{spec.name}.cache")
+            edits["teacher.timestep_respacing"] = self.args.respacing
+            edits["student.timestep_respacing"] = self.args.respacing
+        if spec.own_grid and data_path:
+            edits["student.data_dir"] = data_path
+            if isinstance(raw.get("step_distill"), dict) and "data_dir" in raw["step_distill"]:
+                edits["step_distill.data_dir"] = data_path
+        return edits
+
+    def run_trained(self, spec: TrainedMethod) -> None:
+        """Prepare (pool or data), train through the real script, then evaluate its EMA checkpoints."""
+        begin = time.perf_counter()
+        row: dict[str, Any] = {
+            "name": spec.name,
+            "label": spec.label,
+            "table": spec.table,
+            "commands": [],
+            "status": "running",
+            "curve": [],
+        }
+        try:
+            src = self.method_config(spec)
+        except FileNotFoundError as exc:
+            self.put_row({**row, "status": "unavailable", "error": str(exc), "curve": []})
+            return
+        try:
+            self._train_and_evaluate(spec, src, row)
+        except (RuntimeError, ConfigError, OSError, ValueError) as exc:
+            row.update(status="failed", error=str(exc).splitlines()[0])
+        row["total_wall_s"] = time.perf_counter() - begin
+        self.put_row(row)
+
+    def _train_and_evaluate(self, spec: TrainedMethod, src: Path, row: dict[str, Any]) -> None:
+        args = self.args
+        data_path = None
+        if spec.data == "teacher_samples":
+            data_path = self.teacher_samples(row)
+        elif spec.data == "real":
+            data_path = self.data_paths["train"]
+        cfg_path = self.out / "configs" / f"{spec.name}.yaml"
+        edits = write_derived_config(src, cfg_path, self.config_edits(spec, src, data_path))
+        row.update(
+            config=display_command([str(cfg_path)]),
+            source_config=display_command([str(src)]),
+            config_edits=edits,
+        )
+        common = ["--config", str(cfg_path), "--seed", str(args.seed)]
+        if args.batch_size:
+            common += ["--batch_size", str(args.batch_size)]
+        if spec.needs_pool:
+            Path(edits["teacher.tempfile"]).unlink(missing_ok=True)
+            argv = [
+                sys.executable,
+                str(REPO_ROOT / "scripts" / "dynamic_prepare.py"),
+                *common,
+                "--exp_dir",
+                str(self.out / "runs" / f"{spec.name}_prepare"),
+            ]
+            rc, row["prepare_wall_s"], timed_out = self.run_command(
+                argv, f"{spec.name}_prepare", self.time_left()
+            )
+            row["commands"].append(display_command(argv))
+            if rc != 0:
+                raise RuntimeError(
+                    f"pool preparation {'timed out' if timed_out else 'failed'}: "
+                    f"{self.log_tail(spec.name + '_prepare')}"
+                )
+        run_dir = self.out / "runs" / spec.name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        argv = [
+            sys.executable,
+            str(REPO_ROOT / spec.script),
+            *common,
+            "--exp_dir",
+            str(run_dir),
+            "--max_steps",
+            str(args.steps),
+            "--save_interval",
+            str(args.eval_every or args.steps),
+            "--log_interval",
+            str(max(1, min(100, args.steps // 20))),
+        ]
+        if spec.data and not spec.own_grid:
+            argv += ["--data_dir", data_path]
+        rc, row["train_wall_s"], timed_out = self.run_command(
+            argv, spec.name, self.time_left() - args.eval_reserve_s
+        )
+        row["commands"].append(display_command(argv))
+        row["run_dir"] = display_command([str(run_dir)])
+        if rc != 0 and not timed_out:
+            raise RuntimeError(f"training failed (exit {rc}): {self.log_tail(spec.name)}")
+        self._evaluate_run(spec, cfg_path, run_dir, row)
+        row["status"] = "partial (time limit)" if timed_out else "done"
+        if timed_out:
+            row["error"] = f"training stopped by the time budget at step {row.get('steps')}"
+
+    def _evaluate_run(self, spec: TrainedMethod, cfg_path: Path, run_dir: Path, row: dict[str, Any]) -> None:
+        found = checkpoint_steps(run_dir)
+        if not found:
+            raise RuntimeError(f"no EMA checkpoint in {run_dir}")
+        own = primary_section(load_config(cfg_path)).timestep_respacing
+        respacing = own if spec.own_grid else self.args.respacing
+        model, diffusion = self.build(cfg_path, respacing)
+        use_ddim = respacing.startswith("ddim")
+        row.update(
+            sampler=respacing if use_ddim else f"{respacing} steps",
+            params=sum(p.numel() for p in model.parameters()),
+        )
+        last_eval = 0.0
+        for i, step in enumerate(eval_order(list(found), self.args.eval_every)):
+            if i > 0 and self.time_left() < last_eval:
+                row["curve_note"] = f"curve cut at step {step} by the time budget"
+                break
+            begin = time.perf_counter()
+            load_model_weights(model, str(found[step]))
+            images = self.sample(model, diffusion, use_ddim)
+            point = score(self.extractor, self.ref_feats, images)
+            row["curve"].append({"step": step, **point})
+            if i == 0:
+                row.update(steps=step, **point)
+                row["grid"] = str(Path("grids") / f"{spec.name}.png")
+                save_grid(images, str(self.out / row["grid"]))
+            last_eval = time.perf_counter() - begin
+            row["eval_wall_s"] = row.get("eval_wall_s", 0.0) + last_eval
+        row["curve"].sort(key=lambda p: p["step"])
+
+    def run(self, methods: Sequence[str]) -> dict[str, Any]:
+        """Run `methods` in order, skipping the rest once the budget is spent; returns the merged results."""
+        for name in methods:
+            if self.time_left() <= self.args.eval_reserve_s and name in TRAINED:
+                self.put_row(
+                    {
+                        "name": name,
+                        "label": TRAINED[name].label,
+                        "table": TRAINED[name].table,
+                        "status": "skipped",
+                        "error": "no time left in --budget_s",
+                        "curve": [],
+                    }
+                )
+                continue
+            if name == "reference":
+                self.run_reference()
+            elif name == "teacher":
+                self.run_teacher()
+            else:
+                self.run_trained(TRAINED[name])
+        self.save()
+        return self.results
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's flags."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output dir (results.json is merged across calls)")
+    p.add_argument("--steps", type=int, required=True, help="training steps of every trained method")
+    p.add_argument(
+        "--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS)
+    )
+    p.add_argument(
+        "--eval_every", type=int, default=0, help="checkpoint and evaluate every K steps (0: end only)"
+    )
+    p.add_argument("--num_samples", type=int, default=1000, help="images sampled per evaluation")
+    p.add_argument("--sample_batch_size", type=int, default=500)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--respacing", default="50", help="DKDM/TCCD steps and sampling grid of every 50-step row")
+    p.add_argument(
+        "--ema_rate", default=None, help="EMA of every student (default: from --steps, see auto_ema_rate)"
+    )
+    p.add_argument(
+        "--batch_size", type=int, default=None, help="student batch of every method (default: YAML's)"
+    )
+    p.add_argument(
+        "--baseline_samples",
+        type=int,
+        default=None,
+        help="teacher samples for the baseline (default: the real train split's size)",
+    )
+    p.add_argument("--data_dir", default="experiments/data/digits", help="where the digits npz files go")
+    p.add_argument("--pd_config", default=None, help=f"PD YAML (default: found in {RDD_CONFIG_DIR})")
+    p.add_argument("--rdd_config", default=None, help=f"RDD YAML (default: found in {RDD_CONFIG_DIR})")
+    p.add_argument("--budget_s", type=float, default=0.0, help="wall-time budget of this call (0: none)")
+    p.add_argument(
+        "--eval_reserve_s",
+        type=float,
+        default=60.0,
+        help="seconds of the budget kept for evaluation after a training run",
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and check the flags; BenchError names the bad value."""
+    args = build_parser().parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise BenchError(f"unknown method(s) {unknown} in --methods; choose from {','.join(ALL_METHODS)}")
+    for flag in ("steps", "num_samples", "sample_batch_size"):
+        if getattr(args, flag) < 1:
+            raise BenchError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.eval_every < 0 or args.num_samples < 2:
+        raise BenchError(
+            f"--eval_every must be >= 0 and --num_samples >= 2, got {args.eval_every}, {args.num_samples}"
+        )
+    args.methods = methods
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.split(":")[0] not in ("cuda", "cpu"):
+        raise BenchError(f"--device must be cuda or cpu, got {args.device!r}")
+    args.ema_rate = args.ema_rate or auto_ema_rate(args.steps)
+    args.respacing = str(args.respacing)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: exit 2 with a one-line message on bad arguments or a mismatching output dir."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        bench = DigitsBenchmark(args, argv)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bench.run(args.methods)
+    print(f"[digits results] wrote {bench.out / 'results.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
