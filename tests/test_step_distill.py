@@ -1,0 +1,200 @@
+"""Step distillation: the target's defining property, the teacher grid plan, a copy-of-teacher student's
+loss, the relational term (unet and classifier sources) and the classifier utilities."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from guided_diffusion.classifier_util import (
+    build_classifier,
+    feature_channels,
+    features_and_logits,
+    load_classifier,
+    save_classifier,
+)
+from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.relational import relational_defaults
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
+from guided_diffusion.step_distill import (
+    RelationalTerm,
+    StepDistiller,
+    ddim_target,
+    resolve_step_distill_config,
+    snr_weight,
+    teacher_step_plan,
+)
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLASSIFIER = {"growth_rate": 4, "block_config": (1, 1), "bn_size": 2}
+
+
+def _diffusion(respacing: str, steps: int = 20, predict_xstart: bool = False):
+    return create_gaussian_diffusion(
+        steps=steps, learn_sigma=True, noise_schedule="cosine", predict_xstart=predict_xstart,
+        rescale_learned_sigmas=True, timestep_respacing=respacing,
+    )
+
+
+def _tiny_unet(seed: int):
+    cfg = load_config(REPO / "tests/configs/tiny_baseline.yaml", {"timestep_respacing": "ddim4"})
+    torch.manual_seed(seed)
+    model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(cfg))
+    return model.eval(), diffusion
+
+
+class _X0Model:
+    """A 'network' that outputs fixed x_0 values (and a zero variance half), per batch item."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        self.x0 = x0
+
+    def __call__(self, x, t, **kwargs):
+        return torch.cat([self.x0, torch.zeros_like(self.x0)], dim=1)
+
+
+def _ddim_step64(diffusion, z_t, t, x0):
+    """guided-diffusion's deterministic DDIM step (eta = 0) on the float64 schedule."""
+    a = torch.from_numpy(diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1)
+    a_prev = torch.from_numpy(diffusion.alphas_cumprod_prev)[t].view(-1, 1, 1, 1)
+    eps = (z_t - a.sqrt() * x0) / (1 - a).sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+def test_target_lands_on_teacher_result():
+    """One student-grid DDIM step from z_t with x_0 = x~ reproduces z_next, at every student step: to 1e-5
+    in float64, and through the package's `ddim_sample` (whose schedule tables are float32) to 1e-4."""
+    student = _diffusion("ddim4", steps=1000, predict_xstart=True)
+    gen = torch.Generator().manual_seed(0)
+    n = 4 * student.num_timesteps
+    z_t = torch.randn(n, 3, 4, 4, generator=gen, dtype=torch.float64)
+    z_next = torch.randn(n, 3, 4, 4, generator=gen, dtype=torch.float64)
+    t = torch.arange(student.num_timesteps).repeat(4)
+    target = ddim_target(student, z_t, t, z_next)
+    assert (_ddim_step64(student, z_t, t, target) - z_next).abs().max() < 1e-5
+    step = student.ddim_sample(_X0Model(target.float()), z_t.float(), t, clip_denoised=False)["sample"]
+    assert (step.double() - z_next).abs().max() < 1e-4
+    assert (target - z_next).abs().max() > 0.1  # not trivially the identity
+    # at the lowest step the DDIM step lands on x_0 itself, so x~ is the teacher's result
+    low = t == 0
+    assert torch.allclose(target[low], z_next[low])
+
+
+def test_teacher_plan_nests_grids():
+    assert teacher_step_plan(_diffusion("ddim8", 1000), _diffusion("ddim4", 1000)).tolist() == [0, 2, 4, 6]
+    assert teacher_step_plan(_diffusion("ddim4"), _diffusion("ddim2")).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="two teacher steps"):
+        teacher_step_plan(_diffusion("ddim8", 1000), _diffusion("ddim2", 1000))
+    with pytest.raises(ValueError, match="not all on the teacher grid"):
+        teacher_step_plan(_diffusion("ddim4", 1000), _diffusion("ddim3", 1000))
+
+
+def test_teacher_two_steps_are_its_ddim_chain():
+    teacher, teacher_diffusion = _tiny_unet(1)
+    with torch.no_grad():
+        teacher.out[-1].weight.normal_(0, 0.05)
+    student_diffusion = _diffusion("ddim2")
+    distiller = StepDistiller(teacher, teacher_diffusion, student_diffusion)
+    z = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([1, 1])
+    got, _ = distiller.teacher_two_steps(z, t)
+    with torch.no_grad():
+        mid = teacher_diffusion.ddim_sample(teacher, z, torch.tensor([2, 2]))["sample"]
+        want = teacher_diffusion.ddim_sample(teacher, mid, torch.tensor([1, 1]))["sample"]
+    assert torch.allclose(got, want)
+    assert not torch.allclose(got, mid)
+
+
+def test_copy_of_teacher_has_near_zero_loss_at_t1():
+    """t = 1 (DDPM counting; index 0 here): the teacher's last step is the student's, so a copy has zero
+    loss while another network does not. With an eps = 0 teacher (fresh ADM UNet, zeroed output layer),
+    DDIM is path-consistent, so a copy has zero loss at index 1 too. Clipping is off: a clipped target
+    differs from the unclipped student x_0 wherever a random network's x_0 leaves [-1, 1]."""
+    teacher, teacher_diffusion = _tiny_unet(1)
+    with torch.no_grad():
+        teacher.out[-1].weight.normal_(0, 0.05)
+    other, _ = _tiny_unet(2)
+    with torch.no_grad():
+        other.out[-1].weight.normal_(0, 0.05)
+    student_diffusion = _diffusion("ddim2")
+    distiller = StepDistiller(teacher, teacher_diffusion, student_diffusion, {"teacher_clip": False})
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        copy = distiller.losses(teacher, x0, t, noise=noise)
+        different = distiller.losses(other, x0, t, noise=noise)
+    assert copy["loss"].max() < 1e-8
+    assert different["loss"].min() > 1e-4
+
+    zero_eps, _ = _tiny_unet(3)
+    consistent = StepDistiller(zero_eps, teacher_diffusion, student_diffusion, {"teacher_clip": False})
+    with torch.no_grad():
+        at_one = consistent.losses(zero_eps, x0, torch.ones(4, dtype=torch.long), noise=noise)
+        other_at_one = consistent.losses(other, x0, torch.ones(4, dtype=torch.long), noise=noise)
+    assert at_one["loss"].max() < 1e-8
+    assert other_at_one["loss"].min() > 1e-4
+
+
+def test_weighting_and_config_checks():
+    d = _diffusion("ddim2")
+    t = torch.tensor([0, 1])
+    snr = torch.from_numpy(d.alphas_cumprod / (1 - d.alphas_cumprod)).float()
+    assert torch.allclose(snr_weight(d, t, "snr"), snr)
+    assert torch.allclose(snr_weight(d, t, "truncated_snr"), snr.clamp_min(1))
+    assert torch.equal(snr_weight(d, t, "none"), torch.ones(2))
+    with pytest.raises(ValueError, match="unknown key 'lr'"):
+        resolve_step_distill_config({"lr": 1.0})
+    with pytest.raises(ValueError, match="loss_weighting"):
+        resolve_step_distill_config({"loss_weighting": "p2"})
+    teacher, teacher_diffusion = _tiny_unet(1)
+    with pytest.raises(ValueError, match="predict_xstart to True"):
+        StepDistiller(teacher, teacher_diffusion, d, {"student_prediction": "x0"})
+    x0_student = _diffusion("ddim2", predict_xstart=True)
+    StepDistiller(teacher, teacher_diffusion, x0_student, {"student_prediction": "x0"})
+
+
+def test_relational_unet_term_trains_student_and_head():
+    teacher, teacher_diffusion = _tiny_unet(1)
+    student, _ = _tiny_unet(2)
+    student.train()
+    rel = RelationalTerm({**relational_defaults(), "queue_size": 64, "num_anchors": 16}, student, teacher)
+    distiller = StepDistiller(teacher, teacher_diffusion, _diffusion("ddim2"))
+    out = distiller.losses(student, torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 1]), relational=rel)
+    assert {"rel_p2p", "rel_memory", "mse"} <= set(out)
+    out["loss"].mean().backward()
+    assert student.input_blocks[0][0].weight.grad.abs().sum() > 0
+    assert rel.relation.head[0].weight.grad.abs().sum() > 0
+    assert not any(k.startswith("_frozen") for k in rel.state_dict())
+    assert rel.relation.memory.num_filled > 0
+
+
+def test_classifier_features_save_load_and_relational_term(tmp_path):
+    torch.manual_seed(0)
+    clf = build_classifier("densenet121", 3, 16, TINY_CLASSIFIER)
+    assert clf.features.conv0.stride == (1, 1)
+    feats, logits = features_and_logits(clf.eval(), torch.zeros(2, 3, 16, 16))
+    assert feats.shape[2:] == (8, 8) and logits.shape == (2, 3)
+    path = tmp_path / "clf.pt"
+    save_classifier(clf, str(path), model_name="densenet121", num_classes=3, image_size=16,
+                    model_kwargs=TINY_CLASSIFIER)
+    loaded = load_classifier(str(path))
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(features_and_logits(loaded, x)[1], features_and_logits(clf, x)[1])
+    assert not any(p.requires_grad for p in loaded.parameters())
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_classifier(str(tmp_path / "bad.pt"))
+
+    teacher, _ = _tiny_unet(1)
+    config = {**relational_defaults(), "feature_source": "classifier", "memory_factor": 0.0}
+    rel = RelationalTerm(config, teacher, teacher, loaded)
+    assert rel.relation.use_logit and feature_channels(loaded, 16) == feats.shape[1]
+    student_x0 = torch.randn(2, 3, 16, 16, requires_grad=True)
+    terms = rel.compare(student_x0=student_x0, teacher_x0=torch.randn(2, 3, 16, 16))
+    terms["loss"].backward()
+    assert terms["logit"] > 0 and student_x0.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="classifier_path"):
+        RelationalTerm(config, teacher, teacher, None)
