@@ -236,7 +236,7 @@ def compare(rows: Mapping[str, Any], a: str, b: str) -> dict[str, Any] | None:
 
 def _comparison_lines(rows: Mapping[str, Any], a: str, b: str) -> list[str]:
     cmp = compare(rows, a, b)
-    la, lb = rows.get(a, {}).get("label", a), rows.get(b, {}).get("label", b)
+    la, lb = (rows.get(n, {}).get("label", TRAINED[n].label if n in TRAINED else n) for n in (a, b))
     if cmp is None:
         return [f"{lb} vs {la}: not both evaluated yet."]
     lines = [
