@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ PathLike = str | os.PathLike
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "yaml" / "arch"
 LATEST_NAME = "latest"
+FAULT_SLEEP_ENV = "GD_FAULT_SAVE_SLEEP"  # test hook: seconds to pause inside each atomic write; unset = inert
+_TEMP_RE = re.compile(r"^\.(?:.+\.[^.]+\.tmp|tmp-.+\.cache)$")  # temp names of _atomic_write / save_cache
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _LIST_LIMIT = 10
 
@@ -59,6 +62,8 @@ def _atomic_write(path: PathLike, write: Callable[[io.BufferedWriter], None]) ->
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if os.environ.get(FAULT_SLEEP_ENV):
+                time.sleep(float(os.environ[FAULT_SLEEP_ENV]))  # lets fault tests kill a save mid-write
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,6 +74,21 @@ def _atomic_write(path: PathLike, write: Callable[[io.BufferedWriter], None]) ->
             pass
         raise
     _fsync_dir(dirpath)
+
+
+def remove_stale_temp_files(run_dir: PathLike) -> list[str]:
+    """Delete temp files a killed writer left in `run_dir` (only rank 0 writes there, so none is live);
+    return the names removed."""
+    run_dir = os.fspath(run_dir)
+    removed = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        if _TEMP_RE.match(name) and os.path.isfile(os.path.join(run_dir, name)):
+            os.unlink(os.path.join(run_dir, name))
+            removed.append(name)
+    if removed:
+        logger.warn(f"removed {len(removed)} partial file(s) of an interrupted save in {run_dir}: "
+                    f"{_head(removed)}")
+    return removed
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:

@@ -21,6 +21,7 @@ from .checkpoint import (
     atomic_torch_save,
     find_resume_set,
     load_state_dict_strict,
+    remove_stale_temp_files,
     safe_torch_load,
     write_latest,
 )
@@ -436,6 +437,8 @@ class TrainLoop:
         if found is None:
             raise FileNotFoundError(f"{path}: no complete checkpoint set to resume from")
         logger.log(f"resuming from step {found.step} in {found.run_dir}")
+        if dist_util.is_main_process():
+            remove_stale_temp_files(self.run_dir)
         model_path = found.get("model")
         load_state_dict_strict(self.model, safe_torch_load(model_path), source=model_path)
         for rate, ema in zip(self.ema_rate, self.ema_params, strict=True):
