@@ -25,6 +25,7 @@ from .checkpoint import (
     safe_torch_load,
     write_latest,
 )
+from .compile_util import compile_trained, prepare_trained_model
 from .mixed_precision import MixedPrecisionTrainer, make_optimizer, resolve_precision
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -71,7 +72,8 @@ class TrainLoop:
     `batch_size` is per rank (the scripts divide the config's global batch by the world size). Each step
     the batch is split into microbatches of `microbatch` (-1/0: whole batch) whose losses are weighted by
     their share of the batch, so microbatching never changes the gradient. The parameters stay fp32;
-    `precision` ("auto" = bf16 if `use_fp16`, else fp32) picks the autocast dtype on CUDA.
+    `precision` ("auto" = bf16 if `use_fp16`, else fp32) picks the autocast dtype on CUDA. `compile` (the
+    config's flag) runs the forward through torch.compile with an eager fallback, channels_last on CUDA.
 
     Hooks for distillation loops (override in a subclass):
       - `next_batch() -> (batch, cond)`: the next training input (default: `next(data)`).
@@ -116,6 +118,7 @@ class TrainLoop:
         run_dir: str | None = None,
         sample_interval: int = 0,
         sample_diffusion=None,
+        compile: bool = False,
     ) -> None:
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
@@ -150,6 +153,9 @@ class TrainLoop:
         self.step = 0
         self.resume_files: dict[str, str] = {}
 
+        self.compile = bool(compile)
+        if self.compile:
+            prepare_trained_model(model)  # channels_last before the optimizer state exists (CUDA only)
         self.extra_modules = dict(self.extra_params())
         extra = [p for m in self.extra_modules.values() for p in m.parameters()]
         if self.world_size > 1:
@@ -170,6 +176,7 @@ class TrainLoop:
             )
         else:
             self.ddp_model = model
+        self.ddp_model = compile_trained(self.ddp_model, self.compile)
         if resume_checkpoint:
             self._resume(resume_checkpoint)
         self._acc: dict[str, list[torch.Tensor]] = {}
