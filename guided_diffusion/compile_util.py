@@ -8,6 +8,7 @@ warning once instead of failing the run.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from . import logger
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BACKEND_ENV = "GUIDED_DIFFUSION_COMPILE_BACKEND"  # e.g. aot_eager: trace without building kernels (CPU tests)
 
 
 class CompiledWithFallback:
@@ -94,6 +96,45 @@ def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+def compile_backend() -> str:
+    """The torch.compile backend behind the config's `compile: true`: inductor, unless the environment
+    variable BACKEND_ENV names another (aot_eager runs the compiled paths on CPU without kernel builds)."""
+    return os.environ.get(BACKEND_ENV, "inductor")
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prepare_trained_model(model: torch.nn.Module) -> torch.nn.Module:
+    """What `compile: true` does to a trained network before its optimizer exists: channels_last weights and
+    TF32/cuDNN autotuning on CUDA (nothing on CPU, where NCHW is as fast and fp32 must stay exact)."""
+    if _device_of(model).type == "cuda":
+        configure_cuda_matmul()
+        to_channels_last(model)
+    return model
+
+
+def compile_trained(model: Callable, enabled: bool, name: str = "student UNet") -> Callable:
+    """The training forward for `compile: true` (default mode, static shapes, eager fallback); disabled:
+    `model` itself."""
+    return maybe_compile(model, enabled, name=name, backend=compile_backend())
+
+
+def compile_frozen(model: torch.nn.Module, enabled: bool, *, static_shapes: bool, name: str) -> Callable:
+    """A frozen network (teacher, sampler) for `compile: true`: channels_last on CUDA, then compiled with an
+    eager fallback. `static_shapes` (one batch size per call site: pool draws, sampling) adds CUDA graphs
+    (mode reduce-overhead, outputs cloned); otherwise (pool preparation, whose last chunk shrinks) the batch
+    dimension may turn dynamic and no graphs are recorded. Disabled: `model` itself."""
+    if not enabled:
+        return model
+    prepare_trained_model(model)
+    graphs = static_shapes and _device_of(model).type == "cuda" and compile_backend() == "inductor"
+    return maybe_compile(model, True, mode="reduce-overhead" if graphs else "default",
+                         dynamic=False if static_shapes else None, clone_outputs=graphs, name=name,
+                         backend=compile_backend())
+
+
 def configure_cuda_matmul() -> None:
     """Allow TF32 for fp32 matmuls/convs on CUDA (bf16 autocast covers most of the work; this speeds up the
     rest). Never touches CPU numerics, so the fp32 reference path on CPU stays exact."""
@@ -101,6 +142,15 @@ def configure_cuda_matmul() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+def restore_cuda_matmul() -> None:
+    """Undo `configure_cuda_matmul` (PyTorch's defaults), so a later plain-path run in the same process is
+    not silently TF32."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
 
 
 def compile_available() -> bool:
