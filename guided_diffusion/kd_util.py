@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from . import dist_util, logger
+from .compile_util import compile_frozen
 from .dynamic_batch import ITERATIVE, DynamicBatch
 from .mixed_precision import resolve_precision
 from .run_setup import build_model_and_diffusion, load_model_weights
@@ -106,6 +107,10 @@ class KDTrainLoop(TrainLoop):
         super().__init__(data=_PoolRNG(dynamic_batch), **kwargs)
         if dynamic_batch.total_t is None:
             dynamic_batch.setup(tempfile)
+        # after any preparation (shrinking chunks): the draws call the teacher at one batch size
+        dynamic_batch.teacher = compile_frozen(
+            dynamic_batch.teacher, self.compile, static_shapes=True, name="teacher UNet"
+        )
 
     # ----------------------------------------------------------------------------------------- hooks
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import dist_util, logger
 from .checkpoint import atomic_write_bytes
+from .compile_util import compile_frozen
 
 _SEED_STRIDE = 1_000_003  # keeps the per-(rank, round) seeds of different base seeds apart
 
@@ -61,6 +62,7 @@ def sample_images_and_labels(
     precision: str = "fp32",
     seed: int = 0,
     progress: bool = True,
+    compile: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Like `sample_images`, also returning the class labels (None when unconditional) on rank 0."""
     if num_samples < 1 or batch_size < 1:
@@ -72,6 +74,7 @@ def sample_images_and_labels(
     loop: Callable = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     was_training = model.training
     model.eval()
+    net = compile_frozen(model, compile, static_shapes=True, name="sampling UNet")
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     collected = 0
@@ -89,7 +92,7 @@ def sample_images_and_labels(
                 noise = torch.randn(n, 3, image_size, image_size, device=device)
                 with _autocast(precision, device):
                     sample = loop(
-                        model, (n, 3, image_size, image_size), noise=noise, clip_denoised=clip_denoised,
+                        net, (n, 3, image_size, image_size), noise=noise, clip_denoised=clip_denoised,
                         model_kwargs=model_kwargs, device=device, progress=False,
                         clip_first=clip_first, clip_last=clip_last,
                     )
@@ -125,13 +128,16 @@ def sample_images(
     precision: str = "fp32",
     seed: int = 0,
     progress: bool = True,
+    compile: bool = False,
 ) -> np.ndarray | None:
     """Sample `num_samples` uint8 NHWC images sharded over ranks (`batch_size` per rank per round);
-    rank 0 gets exactly `num_samples` of them, the other ranks None."""
+    rank 0 gets exactly `num_samples` of them, the other ranks None. `compile` (the config's flag) runs the
+    network compiled, with CUDA graphs on CUDA (channels_last weights, eager fallback)."""
     result = sample_images_and_labels(
         model, diffusion, num_samples=num_samples, batch_size=batch_size, image_size=image_size,
         use_ddim=use_ddim, clip_denoised=clip_denoised, clip_first=clip_first, clip_last=clip_last,
         class_cond=class_cond, num_classes=num_classes, precision=precision, seed=seed, progress=progress,
+        compile=compile,
     )
     return None if result is None else result[0]
 

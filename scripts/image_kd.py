@@ -27,9 +27,16 @@ from guided_diffusion.run_setup import (
     load_model_weights,
     start_run,
 )
+from guided_diffusion.step_distill import (
+    add_step_distill_arguments,
+    apply_stage_overrides,
+    build_relational_term,
+    run_step_distill,
+)
 
 FLAGS = {
     "resume_checkpoint": str,
+    "data_dir": str,
     "batch_size": int,
     "microbatch": int,
     "lr": float,
@@ -47,7 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags, build teacher, student and dynamic batch, and run the KD loop."""
     parser = build_arg_parser("Data-free knowledge distillation of a diffusion model (DKDM).", FLAGS)
     add_run_arguments(parser)
+    add_step_distill_arguments(parser)
     args, cfg = parse_config_args(parser, argv)
+    if "step_distill" in cfg:  # step (progressive) distillation / RDD: docs/RDD.md
+        apply_stage_overrides(cfg, args.teacher_path, args.teacher_steps)
+        run_step_distill(cfg, args)
+        dist_util.cleanup()
+        return
     if "teacher" not in cfg:
         parser.exit(2, f"{parser.prog}: error: {args.config} is not a KD config (no teacher: section)\n")
     teacher_s, student_s = cfg.teacher, cfg.student
@@ -61,10 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     if student_s.model_path and not student_s.resume_checkpoint:
         logger.log(f"initializing the student from {student_s.model_path}")
         load_model_weights(student, student_s.model_path)
+    relational = build_relational_term(cfg, student, teacher, args.classifier_path or "", device)
     pool = make_dynamic_batch(teacher_s, student_s, teacher, teacher_diffusion, student_diffusion, device)
     loop_class, method_kwargs = kd_loop_for(cfg)
     loop_class(
         teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, tempfile=tempfile,
+        **({"extra_losses": {"relational": relational}} if relational is not None else {}),
         input_perturb=teacher_s.input_perturb, cache_save_interval=student_s.cache_save_interval,
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size,
         microbatch=student_s.microbatch, lr=student_s.lr, ema_rate=student_s.ema_rate,
@@ -73,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         precision=student_s.precision, fp16_scale_growth=student_s.fp16_scale_growth,
         schedule_sampler=create_named_schedule_sampler(student_s.schedule_sampler, student_diffusion),
         weight_decay=student_s.weight_decay, lr_anneal_steps=student_s.lr_anneal_steps,
-        max_steps=student_s.max_steps, grad_clip=student_s.grad_clip,
+        max_steps=student_s.max_steps, grad_clip=student_s.grad_clip, compile=student_s.compile,
         max_nonfinite_skips=student_s.max_nonfinite_skips, lr_schedule=student_s.lr_schedule,
         seed=student_s.seed, run_dir=run_dir, sample_interval=student_s.sample_interval, **method_kwargs,
     ).run_loop()

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         clip_first=section.clip_first, clip_last=section.clip_last, class_cond=section.class_cond,
         num_classes=section.get("num_classes", 1000) if section.class_cond else None,
         precision=resolve_precision(section.precision, section.use_fp16), seed=section.seed,
+        compile=section.compile,
     )
     if result is not None:
         arr, labels = result

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         max_steps=section.max_steps, grad_clip=section.grad_clip,
         max_nonfinite_skips=section.max_nonfinite_skips, lr_schedule=section.lr_schedule,
         seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval,
+        compile=section.compile,
     ).run_loop()
     logger.log(f"training done; checkpoints in {run_dir}")
     dist_util.cleanup()
