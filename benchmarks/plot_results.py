@@ -22,12 +22,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from guided_diffusion.checkpoint import atomic_write_bytes  # noqa: E402
 
-# Horizontal reference lines: row name -> (label, line style).
-REFERENCE_LINES = {
-    "teacher": ("teacher (50 steps)", "--"),
-    "teacher_ddim8": ("teacher (ddim8)", "-."),
-    "real_train": ("real train split (floor)", ":"),
-}
+# Horizontal reference lines (labelled with their rows' labels): row name -> line style.
+REFERENCE_LINES = {"teacher": "--", "teacher_ddim8": "-.", "real_train": ":"}
 
 
 def curve_points(row: Mapping[str, Any]) -> tuple[list[int], list[float]]:
@@ -53,10 +49,11 @@ def plot_fid_over_steps(results: Mapping[str, Any], path: str | Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (steps, fids) in sorted(curves.items()):
         ax.plot(steps, fids, marker="o", label=rows[name].get("label", name))
-    for name, (label, style) in REFERENCE_LINES.items():
-        fid = rows.get(name, {}).get("fid")
-        if fid is not None:
-            ax.axhline(fid, linestyle=style, color="gray", linewidth=1, label=f"{label}: {fid:.2f}")
+    for name, style in REFERENCE_LINES.items():
+        row = rows.get(name, {})
+        if row.get("fid") is not None:
+            label = f"{row.get('label', name)}: {row['fid']:.2f}"
+            ax.axhline(row["fid"], linestyle=style, color="gray", linewidth=1, label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("digits-FID (lower is better)")
     if all(f > 0 for _, fids in curves.values() for f in fids):
