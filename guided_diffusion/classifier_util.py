@@ -166,7 +166,7 @@ def train_classifier(
             sched.step()
             correct += int((logits.argmax(1) == y).sum())
             seen += y.numel()
-            loss_sum += float(loss) * y.numel()
+            loss_sum += float(loss.detach()) * y.numel()
         accuracies.append(correct / max(seen, 1))
         logger.log(
             f"epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.4f}, "

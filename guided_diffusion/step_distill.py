@@ -368,6 +368,13 @@ class StepDistillLoop(TrainLoop):
 # --------------------------------------------------------------------------------------------- builders
 
 
+def add_step_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """Stage flags of scripts/image_kd.py: `--teacher_path`, `--teacher_steps`, `--classifier_path`."""
+    parser.add_argument("--teacher_path", default=None, help="stage teacher (and the student's start)")
+    parser.add_argument("--teacher_steps", type=int, default=None, help="N: teacher ddimN, student ddim(N/2)")
+    parser.add_argument("--classifier_path", default=None, help="RDD classifier file (classifier source)")
+
+
 def apply_stage_overrides(
     cfg: DictConfig, teacher_path: str | None = None, teacher_steps: int | None = None
 ) -> None:
@@ -379,8 +386,14 @@ def apply_stage_overrides(
     if teacher_steps:
         if teacher_steps < 2 or teacher_steps % 2:
             raise ValueError(f"--teacher_steps must be an even number >= 2, got {teacher_steps}")
-        cfg.teacher.timestep_respacing = f"ddim{teacher_steps}"
-        cfg.student.timestep_respacing = f"ddim{teacher_steps // 2}"
+        from .respace import space_timesteps
+
+        for section, steps in ((cfg.teacher, teacher_steps), (cfg.student, teacher_steps // 2)):
+            try:
+                space_timesteps(section.diffusion_steps, f"ddim{steps}")
+            except ValueError as exc:
+                raise ValueError(f"--teacher_steps {teacher_steps}: {exc}") from None
+            section.timestep_respacing = f"ddim{steps}"
 
 
 def build_relational_term(
