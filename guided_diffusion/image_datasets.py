@@ -92,14 +92,17 @@ class _NpzSource:
 
     def __init__(self, path: str, image_size: int, class_cond: bool) -> None:
         try:
-            npz = np.load(path)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot read npz ({exc})") from None
-        with npz:
-            if "arr_0" not in npz.files:
-                raise DataError(f"{path}: no 'arr_0' array (found {npz.files}); expected uint8 NHWC images")
-            images = npz["arr_0"]
-            labels = npz["arr_1"] if "arr_1" in npz.files else None
+            with np.load(path) as npz:
+                files = npz.files
+                images = npz["arr_0"] if "arr_0" in files else None
+                labels = npz["arr_1"] if "arr_1" in files else None
+        except Exception as exc:  # numpy and zipfile raise many types for truncated or non-npz files
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise DataError(f"{path}: cannot read npz ({type(exc).__name__}: {first})") from None
+        if images is None:
+            raise DataError(f"{path}: no 'arr_0' array (found {files}); expected uint8 NHWC images")
+        if len(images) == 0:
+            raise DataError(f"{path}: arr_0 holds no images")
         if images.dtype != np.uint8:
             raise DataError(f"{path}: arr_0 has dtype {images.dtype}, expected uint8 images in [0, 255]")
         if images.ndim == 3:
