@@ -26,7 +26,8 @@ PathLike = str | os.PathLike
 ARCH_DIR = Path(__file__).resolve().parent.parent / "yaml" / "arch"
 LATEST_NAME = "latest"
 FAULT_SLEEP_ENV = "GD_FAULT_SAVE_SLEEP"  # test hook: seconds to pause inside each atomic write; unset = inert
-_TEMP_RE = re.compile(r"^\.(?:.+\.[^.]+\.tmp|tmp-.+\.cache)$")  # temp names of _atomic_write / save_cache
+# temp-file names of _atomic_write, save_cache and the logger's progress.csv rewrite
+_TEMP_RE = re.compile(r"^(?:\..+\.[^.]+\.tmp|\.tmp-.+\.cache|tmp\w+\.tmp)$")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _LIST_LIMIT = 10
 
