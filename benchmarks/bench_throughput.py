@@ -3,9 +3,10 @@
 Each case is built from the real arch/diffusion YAMLs and runs the very objects the scripts run per iteration
 (TrainLoop.run_step, the KD loop's step with its DynamicBatch draw, the diffusion's p_sample, the pool's
 teacher_step), with random weights and synthetic in-memory data. `--mode baseline` is the plain path (fp16
-autocast, fp32 master weights, dynamic loss scale, eager, NCHW); `--mode optimized` is the fast path (bf16
-autocast, channels_last, torch.compile, CUDA graphs for inference, TF32). Rows are printed (and the JSON
-rewritten) as each case finishes, so a timeout still leaves numbers.
+autocast, fp32 master weights, dynamic loss scale, eager, NCHW); `--mode optimized` is what the scripts run
+with `precision: bf16` and `compile: true` (bf16 autocast and, through the compile_util helpers the loops,
+the sampler and dynamic_prepare call: channels_last, torch.compile, CUDA graphs for static-shape inference,
+TF32). Rows are printed (and the JSON rewritten) as each case finishes, so a timeout still leaves numbers.
 
     python benchmarks/bench_throughput.py --device cuda --mode both --json bench.json
     python benchmarks/bench_throughput.py --tiny --device cpu --iters 2 --warmup 1
@@ -38,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from guided_diffusion import logger  # noqa: E402
-from guided_diffusion.compile_util import configure_cuda_matmul, maybe_compile, to_channels_last  # noqa: E402
+from guided_diffusion.compile_util import compile_frozen, restore_cuda_matmul  # noqa: E402
 from guided_diffusion.dynamic_batch import DynamicBatch  # noqa: E402
 from guided_diffusion.kd_util import KDTrainLoop  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
@@ -92,12 +93,13 @@ class Options:
 
 
 def mode_options(mode: str, device: torch.device, compile_flag: str) -> Options:
-    """Baseline = the public code's path; optimized = ours. `compile_flag` auto compiles on CUDA only."""
+    """Baseline = the public code's path; optimized = ours. `compile_flag` auto compiles on CUDA only.
+    channels_last and CUDA graphs follow from compile on CUDA (compile_util.compile_frozen's rules)."""
     cuda = device.type == "cuda"
     if mode == "baseline":
         return Options("fp16", False, False, False)
     compile_on = {"auto": cuda, "on": True, "off": False}[compile_flag]
-    return Options("bf16", compile_on, cuda, cuda and compile_on)
+    return Options("bf16", compile_on, cuda and compile_on, cuda and compile_on)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -145,10 +147,6 @@ def forward_flops(model: torch.nn.Module) -> float:
     return 2.0 * float(macs) + sum(attn)
 
 
-def _prepare_model(model: torch.nn.Module, opts: Options) -> torch.nn.Module:
-    return to_channels_last(model) if opts.channels_last else model
-
-
 def _random_pool(pool: DynamicBatch, seed: int) -> None:
     """Fill the pool with random states at random steps (what a prepared pool looks like, minus the cost)."""
     rng = np.random.default_rng(seed)
@@ -163,19 +161,17 @@ def _train_loop(model, diffusion, batch: int, opts: Options, run_dir: str, loop_
     loop = loop_cls(
         model=model, diffusion=diffusion, batch_size=batch, microbatch=-1, lr=1e-4,
         ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="", use_fp16=True,
-        precision=opts.precision, fp16_scale_growth=1e-3, run_dir=run_dir, **extra,
+        precision=opts.precision, fp16_scale_growth=1e-3, run_dir=run_dir, compile=opts.compile, **extra,
     )
-    loop.ddp_model = maybe_compile(loop.ddp_model, opts.compile, name="student UNet")
     return loop
 
 
 def _kd_loop(student, diffusion, teacher, t_diffusion, batch: int, opts: Options, run_dir: str):
-    """kd_util.KDTrainLoop over a randomly filled dynamic pool (rho 0.4, as CIFAR10-*-Dynamic-0.4)."""
+    """kd_util.KDTrainLoop over a randomly filled dynamic pool (rho 0.4, as CIFAR10-*-Dynamic-0.4); the loop
+    compiles student and teacher itself when `opts.compile` (as image_kd.py with `compile: true`)."""
     teacher.eval().requires_grad_(False)
-    compiled_teacher = maybe_compile(teacher, opts.compile, mode="reduce-overhead" if opts.cuda_graphs
-                                     else "default", clone_outputs=opts.cuda_graphs, name="teacher UNet")
     pool = DynamicBatch(
-        compiled_teacher, t_diffusion, batch_size=batch,
+        teacher, t_diffusion, batch_size=batch,
         image_shape=(3, teacher.image_size, teacher.image_size),
         rho=0.4, student_timesteps=diffusion.num_timesteps, teacher_batch_size=batch,
         precision=opts.precision, device=next(student.parameters()).device, seed=0,
@@ -193,20 +189,17 @@ def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_d
     model, diffusion = build(case.model, tiny, device)
     fwd = forward_flops(model) * batch
     if case.kind == "train":
-        model = _prepare_model(model, opts)
         loop = _train_loop(model, diffusion, batch, opts, run_dir)
         x = torch.randn(batch, 3, model.image_size, model.image_size, device=device).clamp(-1, 1)
         return (lambda: loop.run_step(x, {})), 3 * fwd
     if case.kind == "kd":
         teacher, t_diffusion = build(case.teacher, tiny, device)
         t_fwd = forward_flops(teacher) * batch
-        model, teacher = _prepare_model(model, opts), _prepare_model(teacher, opts)
         loop = _kd_loop(model, diffusion, teacher, t_diffusion, batch, opts, run_dir)
         return (lambda: loop.run_step(*loop.next_batch())), 3 * fwd + t_fwd
-    model = _prepare_model(model.eval().requires_grad_(False), opts)
-    if case.kind == "sample":
-        net = maybe_compile(model, opts.compile, mode="reduce-overhead" if opts.cuda_graphs else "default",
-                            clone_outputs=opts.cuda_graphs, name="sampling UNet")
+    model = model.eval().requires_grad_(False)
+    if case.kind == "sample":  # as sampling.sample_images: one batch size, CUDA graphs when compiled
+        net = compile_frozen(model, opts.compile, static_shapes=True, name="sampling UNet")
         x = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
         t = torch.full((batch,), diffusion.num_timesteps // 2, dtype=torch.long, device=device)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]
@@ -218,9 +211,8 @@ def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_d
                 diffusion.p_sample(net, x, t, clip_denoised=True)
 
         return sample_step, fwd
-    pool = DynamicBatch(
-        maybe_compile(model, opts.compile, mode="reduce-overhead" if opts.cuda_graphs else "default",
-                      clone_outputs=opts.cuda_graphs, name="teacher UNet"),
+    pool = DynamicBatch(  # as dynamic_prepare.py: the preparing teacher may see shrinking chunks
+        compile_frozen(model, opts.compile, static_shapes=False, name="teacher UNet"),
         diffusion, batch_size=batch, image_shape=(3, model.image_size, model.image_size),
         iter_choice="shuffled_iterative_distillation", teacher_batch_size=batch,
         precision=opts.precision, device=device, seed=0,
@@ -249,24 +241,28 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 
 def run_case(case: Case, mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Build, warm up, time `args.iters` iterations; return the result row."""
+    """Build, warm up, time the iterations (`--iters`/`--warmup`; `--infer-iters`/`--infer-warmup` for the
+    sample and prepare cases, whose iterations are large batches); return the result row."""
     opts = mode_options(mode, device, args.compile)
+    inference = case.kind in ("sample", "prepare")
+    iters = args.infer_iters if inference and args.infer_iters else args.iters
+    warmup = args.infer_warmup if inference and args.infer_warmup is not None else args.warmup
     with tempfile.TemporaryDirectory() as run_dir:
         step, flops = make_step(case, opts, args.tiny, device, run_dir)
         t0 = time.perf_counter()
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             step()
         _sync(device)
         warm_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        for _ in range(args.iters):
+        for _ in range(iters):
             step()
         _sync(device)
         elapsed = time.perf_counter() - t0
     batch = case.tiny_batch if args.tiny else case.batch
-    per_iter = elapsed / args.iters
+    per_iter = elapsed / iters
     tflops = flops / per_iter / 1e12
     peak = peak_tflops(device, args.peak_tflops)
     row = {
@@ -274,6 +270,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace, device: torch.devi
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "unit": "img/s" if case.kind in ("kd", "train") else "img-steps/s",
         "throughput": batch / per_iter, "ms_per_iter": per_iter * 1e3, "warmup_s": warm_s,
+        "iters": iters, "warmup": warmup,
         "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "flops_per_iter": flops, "tflops": tflops, "mfu": tflops / peak if peak else None,
         "public": None if args.tiny else PUBLIC[case.name],
@@ -326,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny archs and batches (CPU smoke run, CI)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--infer-iters", type=int, default=0, help="timed sample/prepare iterations (0: --iters)")
+    p.add_argument("--infer-warmup", type=int, default=None, help="sample/prepare warm-up (default --warmup)")
     p.add_argument("--mode", default="both", choices=("baseline", "optimized", "both"))
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="torch.compile in optimized mode (auto: on CUDA only)")
@@ -337,8 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
-    if args.iters < 1 or args.warmup < 0:
-        p.error(f"--iters must be >= 1 and --warmup >= 0; got {args.iters}, {args.warmup}")
+    if args.iters < 1 or args.warmup < 0 or args.infer_iters < 0 or (args.infer_warmup or 0) < 0:
+        p.error(f"--iters must be >= 1 and warm-ups/--infer-iters >= 0; got {args.iters}, {args.warmup}, "
+                f"{args.infer_iters}, {args.infer_warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args.case_names = names
@@ -360,8 +360,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(HEADER, flush=True)
     for name in args.case_names:
         for mode in modes:
-            if mode == "optimized":
-                configure_cuda_matmul()
             try:
                 row = run_case(CASES[name], mode, args, device)
             except Exception as exc:  # a failing case (OOM, compile bug) must not cost the others' numbers
@@ -378,11 +376,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def _release(device: torch.device) -> None:
     gc.collect()
     torch._dynamo.reset()
+    restore_cuda_matmul()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = False
 
 
 if __name__ == "__main__":
