@@ -378,6 +378,23 @@ def validate_world_size(cfg: DictConfig, world_size: int) -> None:
         )
 
 
+INPUT_PATH_KEYS = ("model_path", "data_dir", "resume_checkpoint")
+
+
+def check_input_files(cfg: DictConfig) -> None:
+    """Raise ConfigError if a file or folder the run will read (checkpoints, data, resume path) is missing,
+    or a KD config names no teacher checkpoint, so a typo fails before any model is built."""
+    source = cfg.get(SOURCE_KEY, "config")
+    sections = {name: cfg[name] for name in KD_SECTIONS} if is_kd_config(cfg) else {"the config": cfg}
+    if is_kd_config(cfg) and not cfg.teacher.get("model_path"):
+        raise ConfigError(f"{source}: model_path in teacher is empty; DKDM needs the teacher checkpoint")
+    for where, section in sections.items():
+        for key in INPUT_PATH_KEYS:
+            value = section.get(key)
+            if value and not os.path.exists(str(value)):
+                raise ConfigError(f"{source}: {key} in {where} does not exist: {value}")
+
+
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temp file in the same folder, fsync, rename)."""
     target = Path(path)
@@ -420,11 +437,13 @@ def build_arg_parser(description: str, flags: Mapping[str, type]) -> ConfigArgum
 def parse_config_args(
     parser: ConfigArgumentParser, argv: list[str] | None = None
 ) -> tuple[argparse.Namespace, DictConfig]:
-    """Parse the command line and load its `--config` with the given flags as overrides; exit on errors."""
+    """Parse the command line, load its `--config` with the given flags as overrides and check that the input
+    files exist; exit with a one-line error otherwise."""
     args = parser.parse_args(argv)
     overrides = {key: getattr(args, key) for key in parser.override_keys}
     try:
         cfg = load_config(args.config, overrides)
+        check_input_files(cfg)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return args, cfg
