@@ -1,4 +1,4 @@
-"""The digits demo: schedules and config, and the `--smoke` run end to end (a random teacher in tmp_path)."""
+"""The digits demo: schedules and config, the shipped teacher, and the `--smoke` run end to end."""
 
 import json
 import os
@@ -8,18 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from guided_diffusion.config import ConfigError, load_config
 from guided_diffusion.digits_demo import (
+    DEFAULT_TEACHER,
     MODES,
     build_demo_config,
     format_table,
     load_schedule,
     read_loss_curve,
 )
-from guided_diffusion.run_setup import build_model_and_diffusion
+from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,20 +81,21 @@ def test_missing_teacher_is_a_one_line_error(tmp_path):
     assert f"teacher checkpoint not found: {tmp_path / 'none.pt'}" in proc.stderr
 
 
+def test_shipped_teacher_fits_the_teacher_arch():
+    assert DEFAULT_TEACHER.stat().st_size < 16 * 2**20
+    teacher, _ = build_model_and_diffusion(load_config(ROOT / "yaml/digits_32/teacher.yaml"), "cpu")
+    load_model_weights(teacher, str(DEFAULT_TEACHER))
+    assert any(p.abs().sum() > 0 for p in teacher.out.parameters()), "output layer still zero: untrained?"
+
+
 @pytest.mark.slow
 def test_smoke_demo_end_to_end(tmp_path):
-    cfg = load_config(ROOT / "yaml/digits_32/teacher.yaml")
-    torch.manual_seed(0)
-    teacher, _ = build_model_and_diffusion(cfg, "cpu")
-    for p in teacher.out.parameters():  # the zero-initialized output layer would make eps identically 0
-        torch.nn.init.normal_(p, std=0.02)
-    teacher_path = tmp_path / "teacher.pt"
-    torch.save(teacher.state_dict(), teacher_path)
-
+    """`--smoke` with the default (shipped) teacher: every stage runs and writes its outputs."""
+    teacher, _ = build_model_and_diffusion(load_config(ROOT / "yaml/digits_32/teacher.yaml"), "cpu")
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [sys.executable, "scripts/digits_demo.py", "--smoke", "--device", "cpu", "--teacher_path",
-         str(teacher_path), "--output_root", str(tmp_path / "out"), "--data_dir", str(tmp_path / "data")],
+        [sys.executable, "scripts/digits_demo.py", "--smoke", "--device", "cpu",
+         "--output_root", str(tmp_path / "out"), "--data_dir", str(tmp_path / "data")],
         cwd=ROOT, capture_output=True, text=True, timeout=480, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -104,6 +105,7 @@ def test_smoke_demo_end_to_end(tmp_path):
             assert img.size[0] > 64 and img.size[1] > 64
     results = json.loads((out_dir / "results.json").read_text())
     assert results["mode"] == "smoke" and results["device"] == "cpu"
+    assert results["files"]["teacher"] == str(DEFAULT_TEACHER)
     assert results["teacher"]["params"] == sum(p.numel() for p in teacher.parameters())
     assert 0.2 < results["student"]["params"] / results["teacher"]["params"] < 0.35
     assert results["student"]["gmacs"] < results["teacher"]["gmacs"]
