@@ -47,3 +47,14 @@ def test_real_archs_build_from_their_yaml(repo_root, monkeypatch, arch, low, hig
         model, diffusion = build(arch, tiny=False, device=torch.device("meta"))
     n = sum(p.numel() for p in model.parameters())
     assert low < n < high and diffusion.num_timesteps == 1000
+
+
+def test_profile_step_writes_a_table_per_mode(repo_root, tmp_path):
+    out = tmp_path / "profile.txt"
+    cmd = [sys.executable, str(repo_root / "benchmarks" / "profile_step.py"), "--case", "train14", "--tiny",
+           "--device", "cpu", "--warmup", "1", "--iters", "1", "--top", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert text.count("## train14 ") == 2 and "## train14 optimized" in text and "## train14 baseline" in text
+    assert text.count("Self CPU time total") == 2 and "wall per iteration" in text
