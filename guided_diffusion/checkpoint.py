@@ -117,7 +117,10 @@ def safe_torch_load(path: PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the zip reader and unpickler raise many types; report them uniformly
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        # torch's weights_only refusal opens with generic advice; the offending global is on the next line
+        first = lines[1] if lines[0].startswith("Weights only load failed") and len(lines) > 1 else lines[0]
+        first = first[:200]
         raise CheckpointError(
             f"cannot load checkpoint {path} ({_size_str(path)}): {type(exc).__name__}: {first}"
         ) from None
