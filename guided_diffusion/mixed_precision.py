@@ -81,6 +81,7 @@ class MixedPrecisionTrainer:
         self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=dev)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=dev)
+        self._reported_skips = 0  # skipped_total at the last check_skips, to log each skip once
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=dev)
 
     @property
@@ -152,7 +153,15 @@ class MixedPrecisionTrainer:
             opt.step()
 
     def check_skips(self, max_consecutive: int) -> None:
-        """Raise NonFiniteLossError once `max_consecutive` (> 0) steps in a row were skipped (host read)."""
+        """Log steps skipped since the last call, and raise NonFiniteLossError once `max_consecutive` (> 0)
+        steps in a row were skipped (host read)."""
+        total = int(self.skipped_total.item())
+        if total > self._reported_skips:
+            logger.warn(
+                f"skipped {total - self._reported_skips} optimizer step(s) with non-finite gradients "
+                f"({total} in all, lg_loss_scale {float(self.lg_loss_scale):.2f})"
+            )
+            self._reported_skips = total
         if max_consecutive <= 0:
             return
         count = int(self.consecutive_skips.item())
@@ -182,5 +191,6 @@ class MixedPrecisionTrainer:
             saved = state.get("precision")
             logger.log(f"loss-scaler state was saved for {saved}, now {self.precision}: not restored")
         self.skipped_total.copy_(state["skipped_total"])
+        self._reported_skips = int(self.skipped_total.item())
         self.consecutive_skips.copy_(state["consecutive_skips"])
 
