@@ -199,6 +199,29 @@ def _select_kwargs(model_kwargs: Mapping[str, Any] | None, keep: torch.Tensor) -
     return {k: v[keep] for k, v in (model_kwargs or {}).items()}
 
 
+def _student_step(
+    student: Any,
+    diffusion: Any,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    clip_denoised: bool,
+    model_kwargs: Mapping[str, Any] | None,
+) -> torch.Tensor:
+    """One ancestral step of the student, as `p_sample`, with its log-variance kept in the learned range.
+
+    The learned-range parameterization means [posterior variance, beta_t]; a student that has not learned
+    its variance on its own states can output far outside it, and one such step would send x~_{t-1} (and
+    the teacher's answer there) to inf. Inside the range this is exactly `p_sample` (same noise draw).
+    """
+    out = diffusion.p_mean_variance(student, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+    lo = diffusion._extract("posterior_log_variance_clipped", t, x_t.shape)
+    hi = diffusion._extract("log_betas", t, x_t.shape)
+    log_variance = out["log_variance"].clamp(torch.minimum(lo, hi), torch.maximum(lo, hi))
+    noise = torch.randn_like(x_t)
+    nonzero = (t != 0).float().view(-1, *([1] * (x_t.dim() - 1)))
+    return out["mean"] + nonzero * torch.exp(0.5 * log_variance) * noise
+
+
 def interactive_inputs(
     student: Any,
     diffusion: Any,
@@ -214,9 +237,7 @@ def interactive_inputs(
     """
     keep = t > 0
     with torch.no_grad():
-        x_prev = diffusion.p_sample(
-            student, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
-        )["sample"]
+        x_prev = _student_step(student, diffusion, x_t, t, clip_denoised, model_kwargs)
         x_sel, t_sel = x_prev[keep], t[keep] - 1
         if x_sel.shape[0] == 0:
             return x_sel, t_sel, {}, keep

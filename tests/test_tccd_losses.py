@@ -199,6 +199,30 @@ def test_interactive_queries_teacher_at_students_own_step(models):
     torch.testing.assert_close(terms["loss"], expected.mean())
 
 
+class _WildVarianceStudent(torch.nn.Module):
+    """eps = 0 and a variance output far outside [-1, 1]: p_sample steps to ~1e28."""
+
+    def forward(self, x, t, **kwargs):
+        return torch.cat([torch.zeros_like(x), torch.full_like(x, 500.0)], dim=1)
+
+
+def test_interactive_step_keeps_student_variance_in_learned_range(models):
+    _, teacher, diffusion = models
+    t = torch.tensor([3, 10, 19])
+    x_t = torch.randn(3, 3, 16, 16)
+    wild = _WildVarianceStudent()
+    with torch.no_grad():
+        assert diffusion.p_sample(wild, x_t, t)["sample"].abs().max() > 1e6
+    query = RecordingQuery(teacher, diffusion)
+    interactive_guidance_loss(wild, None, diffusion, x_t, t, query)
+    [(x_seen, _)] = query.calls
+    mean = diffusion.p_mean_variance(wild, x_t, t)["mean"]
+    beta = torch.from_numpy(diffusion.betas).float()[t].view(-1, 1, 1, 1)
+    # At most beta_t's standard deviation (the top of the range) times a Gaussian draw.
+    assert torch.isfinite(x_seen).all()
+    assert ((x_seen - mean).abs() <= beta.sqrt() * 6).all()
+
+
 def test_interactive_with_all_t_zero_queries_nothing(models):
     student, teacher, diffusion = models
     query = RecordingQuery(teacher, diffusion)
