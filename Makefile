@@ -15,5 +15,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# One BLAS/OpenMP thread per process: tests start mpiexec ranks beside pytest, and oversubscribed threads made
+# tiny models 10-100x slower on 2 cores.
 test: lint
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
