@@ -396,12 +396,40 @@ class GaussianDiffusion:
             device = next(model.parameters()).device
         return torch.randn(*shape, device=device)
 
-    def _loop_indices(self, progress: bool) -> Iterator[int]:
-        indices = range(self.num_timesteps - 1, -1, -1)
-        return iter(tqdm(indices) if progress else indices)
+    def _sample_loop(
+        self,
+        step: Callable[[torch.Tensor, torch.Tensor, bool], dict[str, torch.Tensor]],
+        model: Model,
+        shape: Sequence[int],
+        noise: torch.Tensor | None,
+        device: torch.device | str | None,
+        progress: bool,
+        clip_denoised: bool,
+        clip_first: bool,
+        clip_last: bool,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Run `step(img, t, clip)` from t = T-1 down to 0 without gradients, yielding each output.
 
-    def _step_clip(self, index: int, clip_denoised: bool, clip_first: bool, clip_last: bool) -> bool:
-        return clip_denoised or (clip_first and index == self.num_timesteps - 1) or (clip_last and index == 0)
+        One skeleton for the ancestral and DDIM loops: `clip` is clip_denoised, or clip_first at t = T-1,
+        or clip_last at t = 0; each output's "sample" feeds the next step.
+        """
+        img = self._initial_noise(model, shape, noise, device)
+        indices = range(self.num_timesteps - 1, -1, -1)
+        for i in tqdm(indices) if progress else indices:
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            clip = clip_denoised or (clip_first and i == self.num_timesteps - 1) or (clip_last and i == 0)
+            with torch.no_grad():
+                out = step(img, t, clip)
+            yield out
+            img = out["sample"]
+
+    @staticmethod
+    def _final_sample(outputs: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The "sample" of the last output of a progressive loop."""
+        final: dict[str, torch.Tensor] = {}
+        for out in outputs:
+            final = out
+        return final["sample"]
 
     def p_sample_loop(
         self,
@@ -418,22 +446,21 @@ class GaussianDiffusion:
         clip_last: bool = False,
     ) -> torch.Tensor:
         """Ancestral sampling from noise to x_0; see `p_sample_loop_progressive` for the clip flags."""
-        final: dict[str, torch.Tensor] = {}
-        for out in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise,
-            clip_denoised,
-            denoised_fn,
-            cond_fn,
-            model_kwargs,
-            device,
-            progress,
-            clip_first=clip_first,
-            clip_last=clip_last,
-        ):
-            final = out
-        return final["sample"]
+        return self._final_sample(
+            self.p_sample_loop_progressive(
+                model,
+                shape,
+                noise,
+                clip_denoised,
+                denoised_fn,
+                cond_fn,
+                model_kwargs,
+                device,
+                progress,
+                clip_first=clip_first,
+                clip_last=clip_last,
+            )
+        )
 
     def p_sample_loop_progressive(
         self,
@@ -454,21 +481,21 @@ class GaussianDiffusion:
         With clip_denoised False, `clip_first` still clips pred_xstart at the first step (t = T-1) and
         `clip_last` at the last step (t = 0), as the DKDM diffusion YAML's keys of the same names ask.
         """
-        img = self._initial_noise(model, shape, noise, device)
-        for i in self._loop_indices(progress):
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=self._step_clip(i, clip_denoised, clip_first, clip_last),
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                )
-            yield out
-            img = out["sample"]
+
+        def step(img: torch.Tensor, t: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
+            return self.p_sample(
+                model,
+                img,
+                t,
+                clip_denoised=clip,
+                denoised_fn=denoised_fn,
+                cond_fn=cond_fn,
+                model_kwargs=model_kwargs,
+            )
+
+        yield from self._sample_loop(
+            step, model, shape, noise, device, progress, clip_denoised, clip_first, clip_last
+        )
 
     def ddim_sample(
         self,
@@ -535,23 +562,22 @@ class GaussianDiffusion:
         clip_last: bool = False,
     ) -> torch.Tensor:
         """DDIM sampling from noise to x_0; see `ddim_sample_loop_progressive` for the clip flags."""
-        final: dict[str, torch.Tensor] = {}
-        for out in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise,
-            clip_denoised,
-            denoised_fn,
-            cond_fn,
-            model_kwargs,
-            device,
-            progress,
-            eta,
-            clip_first=clip_first,
-            clip_last=clip_last,
-        ):
-            final = out
-        return final["sample"]
+        return self._final_sample(
+            self.ddim_sample_loop_progressive(
+                model,
+                shape,
+                noise,
+                clip_denoised,
+                denoised_fn,
+                cond_fn,
+                model_kwargs,
+                device,
+                progress,
+                eta,
+                clip_first=clip_first,
+                clip_last=clip_last,
+            )
+        )
 
     def ddim_sample_loop_progressive(
         self,
@@ -573,22 +599,22 @@ class GaussianDiffusion:
         With clip_denoised False, `clip_first` still clips pred_xstart at the first step (t = T-1) and
         `clip_last` at the last step (t = 0).
         """
-        img = self._initial_noise(model, shape, noise, device)
-        for i in self._loop_indices(progress):
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=self._step_clip(i, clip_denoised, clip_first, clip_last),
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                )
-            yield out
-            img = out["sample"]
+
+        def step(img: torch.Tensor, t: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
+            return self.ddim_sample(
+                model,
+                img,
+                t,
+                clip_denoised=clip,
+                denoised_fn=denoised_fn,
+                cond_fn=cond_fn,
+                model_kwargs=model_kwargs,
+                eta=eta,
+            )
+
+        yield from self._sample_loop(
+            step, model, shape, noise, device, progress, clip_denoised, clip_first, clip_last
+        )
 
     # ----------------------------------------------------------------- likelihood terms and losses
 
