@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from evaluations.npz_io import InputError, check_images, save_npz_atomic  # noqa: E402
+from evaluations.npz_io import InputError, write_images_npz_cli  # noqa: E402
 
 IMAGE_SIZE = 64
 
@@ -81,16 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--center_crop", type=int, default=0, help="0 = DDPM-IP (no crop); 140 = common protocol")
     p.add_argument("--image_size", type=int, default=IMAGE_SIZE)
     args = p.parse_args(argv)
-    try:
-        files = list_images(args.data_dir)
-        images = np.stack([preprocess(f, args.center_crop, args.image_size) for f in files])
-        check_images(images, args.data_dir)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    save_npz_atomic(args.output, images)
-    print(f"{images.shape} images saved to {args.output}")
-    return 0
+
+    def load() -> np.ndarray:
+        return np.stack(
+            [preprocess(f, args.center_crop, args.image_size) for f in list_images(args.data_dir)]
+        )
+
+    return write_images_npz_cli(args.output, load, args.data_dir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from evaluations.npz_io import InputError, check_images, load_array_pickle, save_npz_atomic  # noqa: E402
+from evaluations.npz_io import InputError, load_array_pickle, write_images_npz_cli  # noqa: E402
 
 BATCH_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 PNG_NAME = re.compile(r"^[A-Za-z0-9]+_(\d+)\.png$")
@@ -73,14 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="cifar10_train.npz")
     p.add_argument("--split", choices=sorted(BATCH_FILES), default="train")
     args = p.parse_args(argv)
-    try:
-        images = check_images(load_cifar10(args.data_dir, args.split), args.data_dir)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    save_npz_atomic(args.output, images)
-    print(f"{images.shape} images saved to {args.output}")
-    return 0
+    return write_images_npz_cli(args.output, lambda: load_cifar10(args.data_dir, args.split), args.data_dir)
 
 
 if __name__ == "__main__":

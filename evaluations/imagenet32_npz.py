@@ -18,7 +18,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from evaluations.cifar_npz import rows_to_nhwc  # noqa: E402
-from evaluations.npz_io import InputError, check_images, load_array_pickle, save_npz_atomic  # noqa: E402
+from evaluations.npz_io import InputError, load_array_pickle, write_images_npz_cli  # noqa: E402
 
 NUM_BATCHES = 10
 
@@ -49,14 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", required=True)
     p.add_argument("--output", default="ImageNet32_train_all.npz")
     args = p.parse_args(argv)
-    try:
-        images = check_images(load_imagenet32(args.data_dir), args.data_dir)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    save_npz_atomic(args.output, images)
-    print(f"{images.shape} images saved to {args.output}")
-    return 0
+    return write_images_npz_cli(args.output, lambda: load_imagenet32(args.data_dir), args.data_dir)
 
 
 if __name__ == "__main__":

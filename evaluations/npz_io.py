@@ -12,6 +12,7 @@ import collections
 import io
 import os
 import pickle
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -47,6 +48,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def save_npz_atomic(path: str | os.PathLike, *arrays: np.ndarray, **named: np.ndarray) -> None:
     """np.savez (positional arrays become arr_0, arr_1, ...) written atomically."""
     atomic_write(path, lambda f: np.savez(f, *arrays, **named))
+
+
+def write_images_npz_cli(output: str | os.PathLike, load: Callable[[], np.ndarray], name: str) -> int:
+    """Shared tail of the dataset-builder CLIs: validate `load()`'s images (errors name `name`), save.
+
+    Returns 0 after writing `output`, or 2 with a one-line message on stderr when the input is unusable.
+    """
+    try:
+        images = check_images(load(), name)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    save_npz_atomic(output, images)
+    print(f"{images.shape} images saved to {output}")
+    return 0
 
 
 def check_images(arr: Any, name: str) -> np.ndarray:
