@@ -398,7 +398,7 @@ class GaussianDiffusion:
 
     def _sample_loop(
         self,
-        step: Callable[[torch.Tensor, torch.Tensor, bool], dict[str, torch.Tensor]],
+        step: Callable[..., dict[str, torch.Tensor]],
         model: Model,
         shape: Sequence[int],
         noise: torch.Tensor | None,
@@ -407,11 +407,13 @@ class GaussianDiffusion:
         clip_denoised: bool,
         clip_first: bool,
         clip_last: bool,
+        **step_kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Run `step(img, t, clip)` from t = T-1 down to 0 without gradients, yielding each output.
+        """Run `step(model, img, t, clip_denoised=clip, **step_kwargs)` from t = T-1 down to 0 without
+        gradients, yielding each output: one skeleton for the ancestral and DDIM loops.
 
-        One skeleton for the ancestral and DDIM loops: `clip` is clip_denoised, or clip_first at t = T-1,
-        or clip_last at t = 0; each output's "sample" feeds the next step.
+        `clip` is clip_denoised, or clip_first at t = T-1, or clip_last at t = 0; each output's "sample"
+        feeds the next step.
         """
         img = self._initial_noise(model, shape, noise, device)
         indices = range(self.num_timesteps - 1, -1, -1)
@@ -419,7 +421,7 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
             clip = clip_denoised or (clip_first and i == self.num_timesteps - 1) or (clip_last and i == 0)
             with torch.no_grad():
-                out = step(img, t, clip)
+                out = step(model, img, t, clip_denoised=clip, **step_kwargs)
             yield out
             img = out["sample"]
 
@@ -481,20 +483,9 @@ class GaussianDiffusion:
         With clip_denoised False, `clip_first` still clips pred_xstart at the first step (t = T-1) and
         `clip_last` at the last step (t = 0), as the DKDM diffusion YAML's keys of the same names ask.
         """
-
-        def step(img: torch.Tensor, t: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
-            return self.p_sample(
-                model,
-                img,
-                t,
-                clip_denoised=clip,
-                denoised_fn=denoised_fn,
-                cond_fn=cond_fn,
-                model_kwargs=model_kwargs,
-            )
-
         yield from self._sample_loop(
-            step, model, shape, noise, device, progress, clip_denoised, clip_first, clip_last
+            self.p_sample, model, shape, noise, device, progress, clip_denoised, clip_first, clip_last,
+            denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
         )
 
     def ddim_sample(
@@ -599,21 +590,9 @@ class GaussianDiffusion:
         With clip_denoised False, `clip_first` still clips pred_xstart at the first step (t = T-1) and
         `clip_last` at the last step (t = 0).
         """
-
-        def step(img: torch.Tensor, t: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
-            return self.ddim_sample(
-                model,
-                img,
-                t,
-                clip_denoised=clip,
-                denoised_fn=denoised_fn,
-                cond_fn=cond_fn,
-                model_kwargs=model_kwargs,
-                eta=eta,
-            )
-
         yield from self._sample_loop(
-            step, model, shape, noise, device, progress, clip_denoised, clip_first, clip_last
+            self.ddim_sample, model, shape, noise, device, progress, clip_denoised, clip_first, clip_last,
+            denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
         )
 
     # ----------------------------------------------------------------- likelihood terms and losses
