@@ -19,7 +19,6 @@ import contextlib
 import copy
 import gc
 import json
-import os
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from guided_diffusion import logger  # noqa: E402
+from guided_diffusion.atomic_io import atomic_write_text  # noqa: E402
 from guided_diffusion.compile_util import compile_frozen, restore_cuda_matmul  # noqa: E402
 from guided_diffusion.dynamic_batch import DynamicBatch  # noqa: E402
 from guided_diffusion.kd_util import KDTrainLoop  # noqa: E402
@@ -299,19 +299,7 @@ def format_row(r: dict[str, Any]) -> str:
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
     """Write the results atomically (temp file in the same dir, fsync, rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

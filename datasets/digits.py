@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from guided_diffusion.atomic_io import atomic_write
 
 IMAGE_SIZE = 32
 REF_FRACTION = 0.2
@@ -54,22 +55,6 @@ def load_digits32(split: str) -> tuple[np.ndarray, np.ndarray]:
     return _upscale(np.asarray(bunch.images)[idx]), labels[idx]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to `path` through a temp file in the same folder, fsync, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _npz_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, images, labels)
@@ -95,13 +80,14 @@ def write_digits32(output_dir: str | os.PathLike, folder: bool = False) -> dict[
     for split in SPLITS:
         images, labels = load_digits32(split)
         path = out / f"digits32_{split}.npz"
-        _atomic_write(path, _npz_bytes(images, labels))
+        data = _npz_bytes(images, labels)
+        atomic_write(path, lambda f, data=data: f.write(data))
         paths[split] = str(path)
         if folder and split == "train":
             img_dir = out / "digits32_train"
             img_dir.mkdir(exist_ok=True)
             for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
-                _atomic_write(img_dir / f"{lab}_{i:05d}.png", _png_bytes(img))
+                atomic_write(img_dir / f"{lab}_{i:05d}.png", lambda f, img=img: f.write(_png_bytes(img)))
             paths["train_folder"] = str(img_dir)
     return paths
 

@@ -7,15 +7,15 @@ Inception features mean little on 32x32 grey digits, so the demo measures FID / 
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from guided_diffusion.checkpoint import atomic_torch_save
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "model" / "digits32_features.pt"
 FEATURE_DIM = 128
@@ -145,19 +145,4 @@ def train_features(
 
 def save_weights(net: DigitsNet, path: str | os.PathLike) -> None:
     """Save the state dict (CPU tensors only) atomically: temp file in the same folder, fsync, rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buf)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)

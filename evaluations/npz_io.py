@@ -13,36 +13,20 @@ import io
 import os
 import pickle
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
+
+from guided_diffusion.atomic_io import atomic_write
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 class InputError(ValueError):
     """A user-supplied file or value is unusable; the message is one line naming it."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through `write(fileobj)` into a temp file beside `path`, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_npz_atomic(path: str | os.PathLike, *arrays: np.ndarray, **named: np.ndarray) -> None:

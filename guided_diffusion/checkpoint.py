@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-import io
 import json
 import os
 import re
-import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,14 +17,15 @@ from typing import Any
 import torch
 
 from . import logger
+from .atomic_io import FAULT_SLEEP_ENV as FAULT_SLEEP_ENV  # re-exported for fault tests
+from .atomic_io import atomic_write
 
 PathLike = str | os.PathLike
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "yaml" / "arch"
 LATEST_NAME = "latest"
-FAULT_SLEEP_ENV = "GD_FAULT_SAVE_SLEEP"  # test hook: seconds to pause inside each atomic write; unset = inert
-# temp-file names of _atomic_write, save_cache and the logger's progress.csv rewrite
-_TEMP_RE = re.compile(r"^(?:\..+\.[^.]+\.tmp|\.tmp-.+\.cache|tmp\w+\.tmp)$")
+# temp-file names of atomic_io.atomic_write (".<name>.<random>.tmp")
+_TEMP_RE = re.compile(r"^\..+\.[^.]+\.tmp$")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _LIST_LIMIT = 10
 
@@ -38,43 +36,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """A state dict's keys or shapes do not match the model it is loaded into."""
-
-
-def _fsync_dir(dirpath: PathLike) -> None:
-    """Flush a directory entry to disk so a rename inside it survives a crash (no-op where unsupported)."""
-    try:
-        fd = os.open(dirpath, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Call `write` on a temp file beside `path`, fsync it, rename it over `path` and fsync the directory."""
-    path = os.fspath(path)
-    dirpath = os.path.dirname(os.path.abspath(path))
-    os.makedirs(dirpath, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dirpath, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if os.environ.get(FAULT_SLEEP_ENV):
-                time.sleep(float(os.environ[FAULT_SLEEP_ENV]))  # lets fault tests kill a save mid-write
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(dirpath)
 
 
 def remove_stale_temp_files(run_dir: PathLike) -> list[str]:
@@ -94,12 +55,12 @@ def remove_stale_temp_files(run_dir: PathLike) -> list[str]:
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
     """Write `data` to `path` atomically: readers see either the old file (or none) or all of `data`."""
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """`torch.save(obj, path)` done atomically, so a crash never leaves a partial checkpoint at `path`."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _size_str(path: str) -> str:

@@ -13,12 +13,13 @@ import argparse
 import difflib
 import importlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from .atomic_io import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -397,19 +398,7 @@ def check_input_files(cfg: DictConfig) -> None:
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temp file in the same folder, fsync, rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = OmegaConf.to_yaml(cfg)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, OmegaConf.to_yaml(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import tempfile
 
 import numpy as np
+
+from .atomic_io import atomic_write
 
 CACHE_KEYS = ("total_t", "total_x_t_1")
 
@@ -116,16 +117,4 @@ def save_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray) -> None:
     payload = collections.defaultdict(None)
     payload["total_t"] = total_t
     payload["total_x_t_1"] = total_x_t_1
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".cache", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4))

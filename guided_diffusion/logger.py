@@ -21,6 +21,8 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
+from .atomic_io import atomic_write_text
+
 DEBUG = 10
 INFO = 20
 WARN = 30
@@ -123,12 +125,7 @@ class CSVOutputFormat(KVWriter):
         self.keys.extend(new_keys)
         pad = "," * len(new_keys)
         text = ",".join(self.keys) + "\n" + "".join(row + pad + "\n" for row in old_rows)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, text)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def writekvs(self, kvs: Mapping[str, Any]) -> None:
