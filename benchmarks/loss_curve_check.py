@@ -37,6 +37,7 @@ from guided_diffusion.compile_util import restore_cuda_matmul  # noqa: E402
 from guided_diffusion.config import load_config  # noqa: E402
 from guided_diffusion.kd_util import KDTrainLoop, load_teacher, make_dynamic_batch  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, seed_everything  # noqa: E402
+from guided_diffusion.train_util import loop_kwargs  # noqa: E402
 
 CONFIG = REPO / "yaml" / "digits_32" / "exp" / "Digits-DKDM.yaml"
 TEACHER = REPO / "model" / "digits32_teacher.pt"
@@ -114,12 +115,8 @@ def train_once(args: argparse.Namespace, precision: str, pool_path: str, run_dir
     loop = KDTrainLoop(
         teacher=teacher, teacher_diffusion=t_diffusion, dynamic_batch=pool, tempfile=pool_path,
         input_perturb=cfg.teacher.input_perturb, model=student, diffusion=s_diffusion,
-        batch_size=pool.batch_size, microbatch=s.microbatch, lr=s.lr, ema_rate=s.ema_rate,
-        log_interval=s.log_interval, save_interval=0, resume_checkpoint="", use_fp16=s.use_fp16,
-        precision=s.precision, fp16_scale_growth=s.fp16_scale_growth, weight_decay=s.weight_decay,
-        lr_anneal_steps=s.lr_anneal_steps, max_steps=s.max_steps, grad_clip=s.grad_clip,
-        max_nonfinite_skips=s.max_nonfinite_skips, lr_schedule=s.lr_schedule, seed=s.seed,
-        run_dir=str(run_dir), compile=s.compile,
+        batch_size=pool.batch_size,
+        **{**loop_kwargs(s, s_diffusion, str(run_dir)), "save_interval": 0, "resume_checkpoint": ""},
     )
     begin = time.perf_counter()
     loop.run_loop()

@@ -31,6 +31,7 @@ from .config import REPO_ROOT, ConfigError, load_config
 from .kd_util import KDTrainLoop, check_sections, load_teacher, make_dynamic_batch
 from .run_setup import build_model_and_diffusion, start_run
 from .sampling import sample_images, save_grid
+from .train_util import loop_kwargs
 
 MODES = ("short", "long", "smoke")
 SCHEDULE_KEYS = (
@@ -221,12 +222,8 @@ def run_demo(
             teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool,
             tempfile=cfg.teacher.tempfile, input_perturb=cfg.teacher.input_perturb,
             cache_save_interval=s.cache_save_interval, model=student, diffusion=student_diffusion,
-            batch_size=s.batch_size, microbatch=s.microbatch, lr=s.lr, ema_rate=s.ema_rate,
-            log_interval=s.log_interval, save_interval=s.save_interval, resume_checkpoint="",
-            use_fp16=s.use_fp16, precision=s.precision, fp16_scale_growth=s.fp16_scale_growth,
-            weight_decay=s.weight_decay, lr_anneal_steps=s.lr_anneal_steps, max_steps=s.max_steps,
-            grad_clip=s.grad_clip, max_nonfinite_skips=s.max_nonfinite_skips, lr_schedule=s.lr_schedule,
-            seed=s.seed, run_dir=str(run_dir),
+            batch_size=s.batch_size,
+            **{**loop_kwargs(s, student_diffusion, str(run_dir)), "resume_checkpoint": ""},
         )
         loop.run_loop()
         student_ema = loop.ema_model().eval()

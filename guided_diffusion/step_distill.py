@@ -25,7 +25,7 @@ from . import dist_util, logger
 from .gaussian_diffusion import ModelMeanType
 from .nn import mean_flat
 from .relational import RelationalLoss, select_unet_feature, unet_feature_channels
-from .train_util import TrainLoop
+from .train_util import TrainLoop, loop_kwargs
 
 if TYPE_CHECKING:
     import argparse
@@ -421,7 +421,6 @@ def run_step_distill(cfg: DictConfig, args: argparse.Namespace) -> str:
     relational term from a step-distillation config, train, and return the run dir."""
     from .image_datasets import load_data
     from .kd_util import check_sections, load_teacher
-    from .resample import create_named_schedule_sampler
     from .run_setup import build_model_and_diffusion, load_model_weights, start_run
 
     teacher_s, student_s = cfg.teacher, cfg.student
@@ -454,25 +453,7 @@ def run_step_distill(cfg: DictConfig, args: argparse.Namespace) -> str:
         diffusion=student_diffusion,
         data=data,
         batch_size=per_rank,
-        microbatch=student_s.microbatch,
-        lr=student_s.lr,
-        ema_rate=student_s.ema_rate,
-        log_interval=student_s.log_interval,
-        save_interval=student_s.save_interval,
-        resume_checkpoint=student_s.resume_checkpoint,
-        use_fp16=student_s.use_fp16,
-        precision=student_s.precision,
-        fp16_scale_growth=student_s.fp16_scale_growth,
-        schedule_sampler=create_named_schedule_sampler(student_s.schedule_sampler, student_diffusion),
-        weight_decay=student_s.weight_decay,
-        lr_anneal_steps=student_s.lr_anneal_steps,
-        max_steps=student_s.max_steps,
-        grad_clip=student_s.grad_clip,
-        max_nonfinite_skips=student_s.max_nonfinite_skips,
-        lr_schedule=student_s.lr_schedule,
-        seed=student_s.seed,
-        run_dir=run_dir,
-        sample_interval=student_s.sample_interval,
+        **loop_kwargs(student_s, student_diffusion, run_dir),
     ).run_loop()
     logger.log(f"step distillation done; checkpoints in {run_dir}")
     return run_dir

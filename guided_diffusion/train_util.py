@@ -10,6 +10,7 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,27 @@ def set_rng_state(state: Mapping) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"], dist_util.dev())
+
+
+def loop_kwargs(section: Any, diffusion: Any, run_dir: str | None) -> dict[str, Any]:
+    """The `TrainLoop` keyword arguments a config section sets (training keys of config.py's schema).
+
+    Every script and tool builds its loop from this one mapping, so a training key added to the schema
+    reaches every loop (callers add model, data and batch, and override what they fix themselves).
+    """
+    from .resample import create_named_schedule_sampler
+
+    return dict(
+        microbatch=section.microbatch, lr=section.lr, ema_rate=section.ema_rate,
+        log_interval=section.log_interval, save_interval=section.save_interval,
+        resume_checkpoint=section.resume_checkpoint, use_fp16=section.use_fp16, precision=section.precision,
+        fp16_scale_growth=section.fp16_scale_growth,
+        schedule_sampler=create_named_schedule_sampler(section.schedule_sampler, diffusion),
+        weight_decay=section.weight_decay, lr_anneal_steps=section.lr_anneal_steps,
+        max_steps=section.max_steps, grad_clip=section.grad_clip,
+        max_nonfinite_skips=section.max_nonfinite_skips, lr_schedule=section.lr_schedule,
+        seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval, compile=section.compile,
+    )
 
 
 class TrainLoop:

@@ -20,7 +20,6 @@ from guided_diffusion.kd_util import (
     load_teacher,
     make_dynamic_batch,
 )
-from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.run_setup import (
     add_run_arguments,
     build_model_and_diffusion,
@@ -33,6 +32,7 @@ from guided_diffusion.step_distill import (
     build_relational_term,
     run_step_distill,
 )
+from guided_diffusion.train_util import loop_kwargs
 
 FLAGS = {
     "resume_checkpoint": str,
@@ -82,15 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         **({"extra_losses": {"relational": relational}} if relational is not None else {}),
         input_perturb=teacher_s.input_perturb, cache_save_interval=student_s.cache_save_interval,
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size,
-        microbatch=student_s.microbatch, lr=student_s.lr, ema_rate=student_s.ema_rate,
-        log_interval=student_s.log_interval, save_interval=student_s.save_interval,
-        resume_checkpoint=student_s.resume_checkpoint, use_fp16=student_s.use_fp16,
-        precision=student_s.precision, fp16_scale_growth=student_s.fp16_scale_growth,
-        schedule_sampler=create_named_schedule_sampler(student_s.schedule_sampler, student_diffusion),
-        weight_decay=student_s.weight_decay, lr_anneal_steps=student_s.lr_anneal_steps,
-        max_steps=student_s.max_steps, grad_clip=student_s.grad_clip, compile=student_s.compile,
-        max_nonfinite_skips=student_s.max_nonfinite_skips, lr_schedule=student_s.lr_schedule,
-        seed=student_s.seed, run_dir=run_dir, sample_interval=student_s.sample_interval, **method_kwargs,
+        **loop_kwargs(student_s, student_diffusion, run_dir), **method_kwargs,
     ).run_loop()
     logger.log(f"distillation done; checkpoints in {run_dir}")
     dist_util.cleanup()

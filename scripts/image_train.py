@@ -9,14 +9,13 @@ from __future__ import annotations
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import build_arg_parser, parse_config_args, primary_section
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.run_setup import (
     add_run_arguments,
     build_model_and_diffusion,
     load_model_weights,
     start_run,
 )
-from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.train_util import TrainLoop, loop_kwargs
 
 FLAGS = {
     "data_dir": str,
@@ -51,16 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     TrainLoop(
         model=model, diffusion=diffusion, data=data, batch_size=per_rank_batch,
-        microbatch=section.microbatch, lr=section.lr, ema_rate=section.ema_rate,
-        log_interval=section.log_interval, save_interval=section.save_interval,
-        resume_checkpoint=section.resume_checkpoint, use_fp16=section.use_fp16, precision=section.precision,
-        fp16_scale_growth=section.fp16_scale_growth,
-        schedule_sampler=create_named_schedule_sampler(section.schedule_sampler, diffusion),
-        weight_decay=section.weight_decay, lr_anneal_steps=section.lr_anneal_steps,
-        max_steps=section.max_steps, grad_clip=section.grad_clip,
-        max_nonfinite_skips=section.max_nonfinite_skips, lr_schedule=section.lr_schedule,
-        seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval,
-        compile=section.compile,
+        **loop_kwargs(section, diffusion, run_dir),
     ).run_loop()
     logger.log(f"training done; checkpoints in {run_dir}")
     dist_util.cleanup()
