@@ -2,11 +2,12 @@
 
 Each case is built from the real arch/diffusion YAMLs and runs the very objects the scripts run per iteration
 (TrainLoop.run_step, the KD loop's step with its DynamicBatch draw, the diffusion's p_sample, the pool's
-teacher_step), with random weights and synthetic in-memory data. `--mode baseline` is the plain path (fp16
-autocast, fp32 master weights, dynamic loss scale, eager, NCHW); `--mode optimized` is what the scripts run
-with `precision: bf16` and `compile: true` (bf16 autocast and, through the compile_util helpers the loops,
-the sampler and dynamic_prepare call: channels_last, torch.compile, CUDA graphs for static-shape inference,
-TF32). Rows are printed (and the JSON rewritten) as each case finishes, so a timeout still leaves numbers.
+teacher_step), with random weights and synthetic in-memory data. `--mode baseline` is the public code's
+recipe on our loops (fp16 autocast, fp32 master weights, dynamic loss scale, GroupNorm through fp32, eager);
+`--mode optimized` is what the scripts run by default with `precision: bf16` (bf16 autocast, `half_norm`
+GroupNorm, `cuda_graphs` for the student's forward/backward and the frozen teacher/sampler; `--compile on`
+adds the scripts' `compile: true`). Rows are printed (and the JSON rewritten) as each case finishes, so a
+timeout still leaves numbers.
 
     python benchmarks/bench_throughput.py --device cuda --mode both --json bench.json
     python benchmarks/bench_throughput.py --tiny --device cpu --iters 2 --warmup 1
@@ -39,7 +40,7 @@ if str(REPO) not in sys.path:
 
 from guided_diffusion import logger  # noqa: E402
 from guided_diffusion.atomic_io import atomic_write_text  # noqa: E402
-from guided_diffusion.compile_util import compile_frozen, restore_cuda_matmul  # noqa: E402
+from guided_diffusion.compile_util import FastPath, fast_frozen  # noqa: E402
 from guided_diffusion.dynamic_batch import DynamicBatch  # noqa: E402
 from guided_diffusion.kd_util import KDTrainLoop  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
@@ -87,19 +88,15 @@ class Options:
     """The knobs a mode sets (see module docstring)."""
 
     precision: str  # fp16 | bf16 (fp32 on CPU either way)
-    compile: bool
-    channels_last: bool
-    cuda_graphs: bool
+    fast: FastPath
 
 
-def mode_options(mode: str, device: torch.device, compile_flag: str) -> Options:
-    """Baseline = the public code's path; optimized = ours. `compile_flag` auto compiles on CUDA only.
-    channels_last and CUDA graphs follow from compile on CUDA (compile_util.compile_frozen's rules)."""
-    cuda = device.type == "cuda"
+def mode_options(mode: str, compile_flag: str) -> Options:
+    """Baseline = the public code's recipe; optimized = the scripts' defaults in bf16 (plus `compile: true`
+    with `compile_flag` "on"). The fast-path switches are no-ops on CPU."""
     if mode == "baseline":
-        return Options("fp16", False, False, False)
-    compile_on = {"auto": cuda, "on": True, "off": False}[compile_flag]
-    return Options("bf16", compile_on, cuda and compile_on, cuda and compile_on)
+        return Options("fp16", FastPath())
+    return Options("bf16", FastPath(compile=compile_flag == "on", cuda_graphs=True, half_norm=True))
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -161,14 +158,14 @@ def _train_loop(model, diffusion, batch: int, opts: Options, run_dir: str, loop_
     loop = loop_cls(
         model=model, diffusion=diffusion, batch_size=batch, microbatch=-1, lr=1e-4,
         ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="", use_fp16=True,
-        precision=opts.precision, fp16_scale_growth=1e-3, run_dir=run_dir, compile=opts.compile, **extra,
+        precision=opts.precision, fp16_scale_growth=1e-3, run_dir=run_dir, fast=opts.fast, **extra,
     )
     return loop
 
 
 def _kd_loop(student, diffusion, teacher, t_diffusion, batch: int, opts: Options, run_dir: str):
     """kd_util.KDTrainLoop over a randomly filled dynamic pool (rho 0.4, as CIFAR10-*-Dynamic-0.4); the loop
-    compiles student and teacher itself when `opts.compile` (as image_kd.py with `compile: true`)."""
+    puts student and teacher on the fast path itself (as image_kd.py does)."""
     teacher.eval().requires_grad_(False)
     pool = DynamicBatch(
         teacher, t_diffusion, batch_size=batch,
@@ -198,8 +195,8 @@ def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_d
         loop = _kd_loop(model, diffusion, teacher, t_diffusion, batch, opts, run_dir)
         return (lambda: loop.run_step(*loop.next_batch())), 3 * fwd + t_fwd
     model = model.eval().requires_grad_(False)
-    if case.kind == "sample":  # as sampling.sample_images: one batch size, CUDA graphs when compiled
-        net = compile_frozen(model, opts.compile, static_shapes=True, name="sampling UNet")
+    if case.kind == "sample":  # as sampling.sample_images: one batch size per call site
+        net = fast_frozen(model, opts.fast, static_shapes=True, name="sampling UNet")
         x = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
         t = torch.full((batch,), diffusion.num_timesteps // 2, dtype=torch.long, device=device)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]
@@ -212,7 +209,7 @@ def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_d
 
         return sample_step, fwd
     pool = DynamicBatch(  # as dynamic_prepare.py: the preparing teacher may see shrinking chunks
-        compile_frozen(model, opts.compile, static_shapes=False, name="teacher UNet"),
+        fast_frozen(model, opts.fast, static_shapes=False, name="teacher UNet"),
         diffusion, batch_size=batch, image_shape=(3, model.image_size, model.image_size),
         iter_choice="shuffled_iterative_distillation", teacher_batch_size=batch,
         precision=opts.precision, device=device, seed=0,
@@ -243,7 +240,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 def run_case(case: Case, mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Build, warm up, time the iterations (`--iters`/`--warmup`; `--infer-iters`/`--infer-warmup` for the
     sample and prepare cases, whose iterations are large batches); return the result row."""
-    opts = mode_options(mode, device, args.compile)
+    opts = mode_options(mode, args.compile)
     inference = case.kind in ("sample", "prepare")
     iters = args.infer_iters if inference and args.infer_iters else args.iters
     warmup = args.infer_warmup if inference and args.infer_warmup is not None else args.warmup
@@ -274,7 +271,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace, device: torch.devi
         "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "flops_per_iter": flops, "tflops": tflops, "mfu": tflops / peak if peak else None,
         "public": None if args.tiny else PUBLIC[case.name],
-        "options": opts.__dict__,
+        "options": {"precision": opts.precision, **opts.fast.__dict__},
     }
     row["vs_public"] = row["throughput"] / row["public"] if row["public"] else None
     return row
@@ -314,8 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infer-iters", type=int, default=0, help="timed sample/prepare iterations (0: --iters)")
     p.add_argument("--infer-warmup", type=int, default=None, help="sample/prepare warm-up (default --warmup)")
     p.add_argument("--mode", default="both", choices=("baseline", "optimized", "both"))
-    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                   help="torch.compile in optimized mode (auto: on CUDA only)")
+    p.add_argument("--compile", default="off", choices=("on", "off"),
+                   help="optimized mode with the scripts' `compile: true` (torch.compile) as well")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (default by GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--json", default=None, help="write the results here (rewritten after every case)")
@@ -364,7 +361,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def _release(device: torch.device) -> None:
     gc.collect()
     torch._dynamo.reset()
-    restore_cuda_matmul()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

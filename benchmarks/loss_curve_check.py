@@ -3,9 +3,9 @@
 Distils the shipped digits teacher (data-free) into the digits student of yaml/digits_32/exp/Digits-DKDM.yaml
 through `kd_util.KDTrainLoop`, once per `--precision`. The teacher pool is prepared once (fp32) and every run
 loads it with fresh generators, the same seed and the same student initialization, so the curves differ only
-by the precision (and, with `--optimized`, by the fast path of `compile: true`: channels_last, torch.compile,
-CUDA graphs for the teacher, TF32; applied to every precision but fp32, so the comparison reads "plain fp32
-vs optimized bf16"). Writes `curves.csv`, `loss_curves.png`, `summary.json` and each run's own dir under
+by the precision (and, with `--optimized`, by the scripts' default fast path, `cuda_graphs` and `half_norm`,
+applied to every precision but fp32, whose run keeps both off, so the comparison reads "plain fp32 vs
+optimized bf16"). Writes `curves.csv`, `loss_curves.png`, `summary.json` and each run's own dir under
 `--out`, and prints the final smoothed losses and their relative difference.
 
     python benchmarks/loss_curve_check.py --steps 2000 --precision fp32,bf16 --device cuda --optimized \
@@ -33,7 +33,6 @@ import torch  # noqa: E402
 
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.checkpoint import atomic_write_bytes  # noqa: E402
-from guided_diffusion.compile_util import restore_cuda_matmul  # noqa: E402
 from guided_diffusion.config import load_config  # noqa: E402
 from guided_diffusion.kd_util import KDTrainLoop, load_teacher, make_dynamic_batch  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, seed_everything  # noqa: E402
@@ -53,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output dir (curves.csv, loss_curves.png, summary.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=("cuda", "cpu"))
-    p.add_argument("--optimized", action="store_true", help="compile: true for every precision but fp32")
+    p.add_argument("--optimized", action="store_true",
+                   help="cuda_graphs and half_norm for every precision but fp32 (off otherwise)")
     p.add_argument("--config", default=str(CONFIG), help="the KD config (default Digits-DKDM.yaml)")
     p.add_argument("--teacher", default=str(TEACHER), help="teacher checkpoint")
     p.add_argument("--batch-size", type=int, default=None, help="student batch (default: the config's)")
@@ -79,9 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace, precision: str, pool_path: str):
     """The KD config for one run: the schedule from the flags, the precision on teacher draws and student."""
+    fast = args.optimized and precision != "fp32"
     overrides = {"max_steps": args.steps, "log_interval": args.log_interval, "save_interval": 0,
                  "batch_size": args.batch_size, "timestep_respacing": args.timestep_respacing,
-                 "seed": args.seed, "precision": precision, "compile": args.optimized and precision != "fp32"}
+                 "seed": args.seed, "precision": precision, "compile": False,
+                 "cuda_graphs": fast, "half_norm": fast}
     cfg = load_config(args.config, overrides)
     if args.timestep_respacing is not None:
         cfg.teacher.timestep_respacing = str(args.timestep_respacing)
@@ -123,8 +125,6 @@ def train_once(args: argparse.Namespace, precision: str, pool_path: str, run_dir
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - begin
-    restore_cuda_matmul()
-    torch._dynamo.reset()
     return seconds
 
 

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--top", type=int, default=20)
-    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--compile", default="off", choices=("on", "off"))
     p.add_argument("--out", required=True, help="text file the tables are appended to")
     args = p.parse_args(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def profile_mode(case_name: str, mode: str, args: argparse.Namespace, device: torch.device) -> str:
     """Warm up, profile `args.iters` iterations; return the report block for this mode."""
-    opts = mode_options(mode, device, args.compile)
+    opts = mode_options(mode, args.compile)
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as run_dir:
         step, _ = make_step(CASES[case_name], opts, args.tiny, device, run_dir)
@@ -69,7 +69,7 @@ def profile_mode(case_name: str, mode: str, args: argparse.Namespace, device: to
             wall = (time.perf_counter() - begin) / args.iters
     events = prof.key_averages()
     sort_key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    lines = [f"## {case_name} {mode} ({opts.__dict__}), {args.iters} iterations after {args.warmup} warm-up",
+    lines = [f"## {case_name} {mode} ({opts}), {args.iters} iterations after {args.warmup} warm-up",
              f"wall per iteration: {wall * 1e3:.2f} ms"]
     if cuda:
         # Kernel rows only: an aten op's row repeats the device time of the kernels it launched.

@@ -1,8 +1,8 @@
-"""Optional speed-ups for the hot paths: torch.compile with an eager fallback, channels_last, CUDA graphs.
+"""The fast path of the hot UNet calls: which speed-ups a config turns on, and torch.compile with a fallback.
 
-Every helper keeps what the wrapped code computes (up to floating-point reassociation) and degrades to the
-plain eager path when the feature is unavailable (no C++ compiler, no CUDA, an unsupported op), logging a
-warning once instead of failing the run.
+Every helper keeps what the wrapped code computes (up to floating-point rounding) and degrades to the plain
+eager path when the feature is unavailable (no C++ compiler, no CUDA, an unsupported op), logging a warning
+once instead of failing the run. The CUDA-graph wrappers live in `cuda_graphs`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import logger
+from .cuda_graphs import GraphedInference, GraphedTraining
+from .nn import use_half_norm
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BACKEND_ENV = "GUIDED_DIFFUSION_COMPILE_BACKEND"  # e.g. aot_eager: trace without building kernels (CPU tests)
@@ -91,66 +94,67 @@ def maybe_compile(fn: Callable, enabled: bool, *, mode: str = "default", dynamic
                                 backend=backend)
 
 
-def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
-    """Store the model's 4-D weights channels_last (NHWC) in place, so cuDNN convs skip layout transposes."""
-    return model.to(memory_format=torch.channels_last)
-
-
 def compile_backend() -> str:
     """The torch.compile backend behind the config's `compile: true`: inductor, unless the environment
     variable BACKEND_ENV names another (aot_eager runs the compiled paths on CPU without kernel builds)."""
     return os.environ.get(BACKEND_ENV, "inductor")
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """The config's speed switches (training/sampling section keys of the same names).
+
+    `half_norm`: GroupNorm reads fp16/bf16 activations directly (float32 statistics, no casts).
+    `cuda_graphs`: static-shape UNet calls replay CUDA graphs (frozen nets; the student's forward/backward
+    in single-process training with one microbatch). `compile`: torch.compile instead of plain graphs.
+    All are no-ops on CPU and for fp32, so the reference path is untouched.
+    """
+
+    compile: bool = False
+    cuda_graphs: bool = False
+    half_norm: bool = False
+
+    @classmethod
+    def from_section(cls, section: Any) -> FastPath:
+        """The switches of a config section (a flat training/sampling section or the KD student's)."""
+        return cls(compile=bool(section.compile), cuda_graphs=bool(section.cuda_graphs),
+                   half_norm=bool(section.half_norm))
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def prepare_trained_model(model: torch.nn.Module) -> torch.nn.Module:
-    """What `compile: true` does to a trained network before its optimizer exists: channels_last weights and
-    TF32/cuDNN autotuning on CUDA (nothing on CPU, where NCHW is as fast and fp32 must stay exact)."""
-    if _device_of(model).type == "cuda":
-        configure_cuda_matmul()
-        to_channels_last(model)
+def fast_trained(model: Callable, fast: FastPath, *, graphs_allowed: bool, name: str = "student UNet"
+                 ) -> Callable:
+    """The training forward: compiled (default mode, eager fallback) with `compile`, else CUDA graphs of
+    forward and backward with `cuda_graphs` when `graphs_allowed` (the loop's single-process,
+    one-microbatch case) on CUDA, else `model` itself."""
+    if fast.compile:
+        return maybe_compile(model, True, name=name, backend=compile_backend())
+    if fast.cuda_graphs and graphs_allowed and _device_of(model).type == "cuda":
+        return GraphedTraining(model, name=name)
     return model
 
 
-def compile_trained(model: Callable, enabled: bool, name: str = "student UNet") -> Callable:
-    """The training forward for `compile: true` (default mode, static shapes, eager fallback); disabled:
-    `model` itself."""
-    return maybe_compile(model, enabled, name=name, backend=compile_backend())
-
-
-def compile_frozen(model: torch.nn.Module, enabled: bool, *, static_shapes: bool, name: str) -> Callable:
-    """A frozen network (teacher, sampler) for `compile: true`: channels_last on CUDA, then compiled with an
-    eager fallback. `static_shapes` (one batch size per call site: pool draws, sampling) adds CUDA graphs
-    (mode reduce-overhead, outputs cloned); otherwise (pool preparation, whose last chunk shrinks) the batch
-    dimension may turn dynamic and no graphs are recorded. Disabled: `model` itself."""
-    if not enabled:
-        return model
-    prepare_trained_model(model)
-    graphs = static_shapes and _device_of(model).type == "cuda" and compile_backend() == "inductor"
-    return maybe_compile(model, True, mode="reduce-overhead" if graphs else "default",
-                         dynamic=False if static_shapes else None, clone_outputs=graphs, name=name,
-                         backend=compile_backend())
-
-
-def configure_cuda_matmul() -> None:
-    """Allow TF32 for fp32 matmuls/convs on CUDA (bf16 autocast covers most of the work; this speeds up the
-    rest). Never touches CPU numerics, so the fp32 reference path on CPU stays exact."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
-def restore_cuda_matmul() -> None:
-    """Undo `configure_cuda_matmul` (PyTorch's defaults), so a later plain-path run in the same process is
-    not silently TF32."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = False
+def fast_frozen(model: torch.nn.Module, fast: FastPath, *, static_shapes: bool, name: str) -> Callable:
+    """A frozen network (teacher, sampler) on the fast path. With `compile`: compiled with an eager fallback,
+    plus CUDA graphs (mode reduce-overhead, outputs cloned) when `static_shapes` (one batch size per call
+    site: pool draws, sampling); otherwise (pool preparation, whose last chunk shrinks) the batch may turn
+    dynamic. With `cuda_graphs` only: GraphedInference, which graphs the repeated shapes and runs one-off
+    shapes eagerly. Neither: `model` itself. `half_norm` is only ever switched on here, so sampling a
+    training student with default switches leaves its GroupNorm mode alone."""
+    if fast.half_norm:
+        use_half_norm(model)
+    cuda = _device_of(model).type == "cuda"
+    if fast.compile:
+        graphs = static_shapes and cuda and compile_backend() == "inductor"
+        return maybe_compile(model, True, mode="reduce-overhead" if graphs else "default",
+                             dynamic=False if static_shapes else None, clone_outputs=graphs, name=name,
+                             backend=compile_backend())
+    if fast.cuda_graphs and cuda:
+        return GraphedInference(model, name=name)
+    return model
 
 
 def compile_available() -> bool:

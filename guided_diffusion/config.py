@@ -59,6 +59,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "grad_clip": 0.0,  # 0 = off
     "max_nonfinite_skips": 50,
     "compile": False,
+    "cuda_graphs": True,  # CUDA only: replay static-shape UNet calls as graphs (compile_util.FastPath)
+    "half_norm": True,  # CUDA half precision only: GroupNorm reads bf16/fp16 directly, fp32 statistics
     "lr_schedule": "constant",
     "sample_interval": 0,  # 0 = no sample grid during training
 }

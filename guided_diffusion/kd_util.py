@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from . import dist_util, logger
-from .compile_util import compile_frozen
+from .compile_util import fast_frozen
 from .dynamic_batch import ITERATIVE, DynamicBatch
 from .mixed_precision import resolve_precision
 from .run_setup import build_model_and_diffusion, load_model_weights
@@ -108,8 +108,8 @@ class KDTrainLoop(TrainLoop):
         if dynamic_batch.total_t is None:
             dynamic_batch.setup(tempfile)
         # after any preparation (shrinking chunks): the draws call the teacher at one batch size
-        dynamic_batch.teacher = compile_frozen(
-            dynamic_batch.teacher, self.compile, static_shapes=True, name="teacher UNet"
+        dynamic_batch.teacher = fast_frozen(
+            dynamic_batch.teacher, self.fast, static_shapes=True, name="teacher UNet"
         )
 
     # ----------------------------------------------------------------------------------------- hooks

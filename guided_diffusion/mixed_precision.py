@@ -96,7 +96,9 @@ class MixedPrecisionTrainer:
         if dtype is None:
             yield
             return
-        with torch.autocast(device_type=self.device.type, dtype=dtype):
+        # No cast cache: each weight is cast where it is used, which CUDA graphs of the student need (a
+        # cached cast would be recorded once and go stale after the optimizer step).
+        with torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False):
             yield
 
     @property

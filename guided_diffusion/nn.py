@@ -14,12 +14,33 @@ _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that always computes in float32 and returns the input's dtype (stable under fp16/bf16)."""
+    """GroupNorm with float32 statistics that returns the input's dtype (stable under fp16/bf16).
+
+    By default a half-precision input is upcast, normalized in float32 and cast back, as guided-diffusion
+    does. With `half_input` (set by `use_half_norm`) the kernel reads the fp16/bf16 input directly: it still
+    accumulates mean and variance in float32, so only the affine weights are rounded to the input's dtype,
+    and the two casts (about half of the norm's memory traffic on a GPU) disappear.
+    """
+
+    half_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.half_input and x.dtype in (torch.float16, torch.bfloat16):
+            weight = None if self.weight is None else self.weight.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            with torch.autocast(x.device.type, enabled=False):  # autocast would upcast group_norm again
+                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def use_half_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every GroupNorm32 in `model` to (or back from) reading half-precision inputs directly."""
+    for module in model.modules():
+        if isinstance(module, GroupNorm32):
+            module.half_input = bool(enabled)
+    return model
 
 
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import dist_util, logger
 from .checkpoint import atomic_write_bytes
-from .compile_util import compile_frozen
+from .compile_util import FastPath, fast_frozen
 
 _SEED_STRIDE = 1_000_003  # keeps the per-(rank, round) seeds of different base seeds apart
 
@@ -62,7 +62,7 @@ def sample_images_and_labels(
     precision: str = "fp32",
     seed: int = 0,
     progress: bool = True,
-    compile: bool = False,
+    fast: FastPath | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Like `sample_images`, also returning the class labels (None when unconditional) on rank 0."""
     if num_samples < 1 or batch_size < 1:
@@ -74,7 +74,7 @@ def sample_images_and_labels(
     loop: Callable = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     was_training = model.training
     model.eval()
-    net = compile_frozen(model, compile, static_shapes=True, name="sampling UNet")
+    net = fast_frozen(model, fast or FastPath(), static_shapes=True, name="sampling UNet")
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     collected = 0
@@ -128,16 +128,16 @@ def sample_images(
     precision: str = "fp32",
     seed: int = 0,
     progress: bool = True,
-    compile: bool = False,
+    fast: FastPath | None = None,
 ) -> np.ndarray | None:
     """Sample `num_samples` uint8 NHWC images sharded over ranks (`batch_size` per rank per round);
-    rank 0 gets exactly `num_samples` of them, the other ranks None. `compile` (the config's flag) runs the
-    network compiled, with CUDA graphs on CUDA (channels_last weights, eager fallback)."""
+    rank 0 gets exactly `num_samples` of them, the other ranks None. `fast` (the config's speed switches,
+    compile_util.FastPath) runs the network through CUDA graphs or torch.compile on CUDA."""
     result = sample_images_and_labels(
         model, diffusion, num_samples=num_samples, batch_size=batch_size, image_size=image_size,
         use_ddim=use_ddim, clip_denoised=clip_denoised, clip_first=clip_first, clip_last=clip_last,
         class_cond=class_cond, num_classes=num_classes, precision=precision, seed=seed, progress=progress,
-        compile=compile,
+        fast=fast,
     )
     return None if result is None else result[0]
 

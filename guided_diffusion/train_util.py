@@ -26,8 +26,9 @@ from .checkpoint import (
     safe_torch_load,
     write_latest,
 )
-from .compile_util import compile_trained, prepare_trained_model
+from .compile_util import FastPath, fast_trained
 from .mixed_precision import MixedPrecisionTrainer, make_optimizer, resolve_precision
+from .nn import use_half_norm
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -84,7 +85,8 @@ def loop_kwargs(section: Any, diffusion: Any, run_dir: str | None) -> dict[str, 
         weight_decay=section.weight_decay, lr_anneal_steps=section.lr_anneal_steps,
         max_steps=section.max_steps, grad_clip=section.grad_clip,
         max_nonfinite_skips=section.max_nonfinite_skips, lr_schedule=section.lr_schedule,
-        seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval, compile=section.compile,
+        seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval,
+        fast=FastPath.from_section(section),
     )
 
 
@@ -94,8 +96,9 @@ class TrainLoop:
     `batch_size` is per rank (the scripts divide the config's global batch by the world size). Each step
     the batch is split into microbatches of `microbatch` (-1/0: whole batch) whose losses are weighted by
     their share of the batch, so microbatching never changes the gradient. The parameters stay fp32;
-    `precision` ("auto" = bf16 if `use_fp16`, else fp32) picks the autocast dtype on CUDA. `compile` (the
-    config's flag) runs the forward through torch.compile with an eager fallback, channels_last on CUDA.
+    `precision` ("auto" = bf16 if `use_fp16`, else fp32) picks the autocast dtype on CUDA. `fast` (the
+    config's `compile`, `cuda_graphs` and `half_norm`, see compile_util.FastPath) speeds up the student's
+    calls without changing what they compute; CUDA graphs serve single-process runs with one microbatch.
 
     Hooks for distillation loops (override in a subclass):
       - `next_batch() -> (batch, cond)`: the next training input (default: `next(data)`).
@@ -140,7 +143,7 @@ class TrainLoop:
         run_dir: str | None = None,
         sample_interval: int = 0,
         sample_diffusion=None,
-        compile: bool = False,
+        fast: FastPath | None = None,
     ) -> None:
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
@@ -175,9 +178,9 @@ class TrainLoop:
         self.step = 0
         self.resume_files: dict[str, str] = {}
 
-        self.compile = bool(compile)
-        if self.compile:
-            prepare_trained_model(model)  # channels_last before the optimizer state exists (CUDA only)
+        self.fast = fast or FastPath()
+        if self.fast.half_norm:
+            use_half_norm(model)
         self.extra_modules = dict(self.extra_params())
         extra = [p for m in self.extra_modules.values() for p in m.parameters()]
         if self.world_size > 1:
@@ -198,7 +201,8 @@ class TrainLoop:
             )
         else:
             self.ddp_model = model
-        self.ddp_model = compile_trained(self.ddp_model, self.compile)
+        single_backward = self.world_size == 1 and self.microbatch >= batch_size
+        self.ddp_model = fast_trained(self.ddp_model, self.fast, graphs_allowed=single_backward)
         if resume_checkpoint:
             self._resume(resume_checkpoint)
         self._acc: dict[str, list[torch.Tensor]] = {}

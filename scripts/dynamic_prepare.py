@@ -9,7 +9,7 @@ rank 0 writes all of them to `teacher.tempfile` in the authors' cache layout.
 from __future__ import annotations
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.compile_util import compile_frozen
+from guided_diffusion.compile_util import FastPath, fast_frozen
 from guided_diffusion.config import build_arg_parser, model_and_diffusion_kwargs, parse_config_args
 from guided_diffusion.dynamic_batch import ITERATIVE
 from guided_diffusion.kd_util import check_sections, check_tempfile, load_teacher, make_dynamic_batch
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     pool = make_dynamic_batch(
         cfg.teacher, cfg.student, teacher, teacher_diffusion, student_diffusion_of(cfg.student), device
     )
-    pool.teacher = compile_frozen(teacher, cfg.student.compile, static_shapes=False, name="teacher UNet")
+    pool.teacher = fast_frozen(teacher, FastPath.from_section(cfg.student), static_shapes=False,
+                               name="teacher UNet")
     logger.log(f"preparing {pool.size} items per rank x {pool.world_size} rank(s) -> {path}")
     pool.prepare_and_save(path)
     dist_util.cleanup()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.compile_util import FastPath
 from guided_diffusion.config import build_arg_parser, parse_config_args, primary_section
 from guided_diffusion.mixed_precision import resolve_precision
 from guided_diffusion.run_setup import (
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         clip_first=section.clip_first, clip_last=section.clip_last, class_cond=section.class_cond,
         num_classes=section.get("num_classes", 1000) if section.class_cond else None,
         precision=resolve_precision(section.precision, section.use_fp16), seed=section.seed,
-        compile=section.compile,
+        fast=FastPath.from_section(section),
     )
     if result is not None:
         arr, labels = result

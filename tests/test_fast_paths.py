@@ -10,10 +10,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from guided_diffusion import compile_util, logger
-from guided_diffusion.compile_util import CompiledWithFallback, maybe_compile, to_channels_last
+from guided_diffusion import compile_util, dist_util, logger
+from guided_diffusion.compile_util import (
+    CompiledWithFallback,
+    FastPath,
+    fast_frozen,
+    fast_trained,
+    maybe_compile,
+)
+from guided_diffusion.cuda_graphs import GraphedInference, GraphedTraining
 from guided_diffusion.dynamic_batch import DynamicBatch
 from guided_diffusion.kd_util import KDTrainLoop
+from guided_diffusion.nn import GroupNorm32, use_half_norm
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 from guided_diffusion.train_util import TrainLoop
 
@@ -41,8 +49,10 @@ def _diffusion():
 
 
 @pytest.fixture(autouse=True)
-def _log_dir(tmp_path):
+def _log_dir(tmp_path, monkeypatch):
     logger.configure(str(tmp_path / "log"), format_strs=[])
+    # These checks are about the CPU path; on a GPU machine the loops would otherwise pick the GPU.
+    monkeypatch.setattr(dist_util, "dev", lambda: torch.device("cpu"))
 
 
 def test_compiled_unet_matches_eager_forward_and_backward():
@@ -86,10 +96,10 @@ def test_disabled_compile_is_the_plain_module():
         CompiledWithFallback(model, mode="fastest")
 
 
-def _train_losses(model, steps: int = 3) -> list[float]:
+def _train_losses(model, steps: int = 3, fast: FastPath | None = None) -> list[float]:
     diffusion = _diffusion()
     loop = TrainLoop(model=model, diffusion=diffusion, data=iter(()), batch_size=4, microbatch=-1, lr=1e-3,
-                     ema_rate="0.9", log_interval=0, save_interval=0, resume_checkpoint="", seed=0)
+                     ema_rate="0.9", log_interval=0, save_interval=0, resume_checkpoint="", seed=0, fast=fast)
     torch.manual_seed(1)
     batch = torch.rand(4, 3, 8, 8) * 2 - 1
     losses = []
@@ -102,11 +112,48 @@ def _train_losses(model, steps: int = 3) -> list[float]:
     return losses
 
 
-def test_channels_last_training_gives_the_same_loss_sequence():
+def test_fast_path_leaves_cpu_fp32_training_unchanged():
+    """The default switches (cuda_graphs, half_norm) are no-ops on CPU in fp32: the same loss sequence."""
     plain = _train_losses(_model())
-    fast = _train_losses(to_channels_last(_model()))
+    fast = _train_losses(_model(), fast=FastPath(cuda_graphs=True, half_norm=True))
     assert len(plain) == 3 and plain[0] != plain[2]  # training moves the loss
-    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+    assert fast == plain
+
+
+def test_half_norm_reads_bf16_with_float32_statistics():
+    norm = GroupNorm32(4, 16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(16))
+        norm.bias.copy_(0.2 * torch.randn(16))
+    x = (3.0 + 2.0 * torch.randn(2, 16, 8, 8)).to(torch.bfloat16)  # offset mean: stresses the variance
+    upcast = norm(x)  # default: normalize in float32, cast back
+    assert not norm.half_input and upcast.dtype == torch.bfloat16
+    use_half_norm(norm)
+    direct = norm(x)
+    assert norm.half_input and direct.dtype == torch.bfloat16
+    reference = torch.nn.functional.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), 1e-5)
+    for out in (upcast, direct):  # both within bf16 rounding of the float64 result
+        assert (out.double() - reference).abs().max() < 0.05
+    assert (direct.double() - upcast.double()).abs().max() < 0.05
+    x32 = x.float()
+    torch.testing.assert_close(norm(x32), torch.nn.functional.group_norm(x32, 4, norm.weight, norm.bias))
+    use_half_norm(norm, False)
+    assert torch.equal(norm(x), upcast)
+
+
+def test_cuda_graph_wrappers_pass_cpu_calls_through():
+    """On CPU (and for calls a graph cannot serve) the wrappers run the module itself, recording nothing."""
+    model = _model().eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    frozen = GraphedInference(model, name="test")
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(frozen(x, t), model(x, t))
+    assert frozen.graphs == {} and not frozen.failed and frozen.image_size == 8
+    trained = GraphedTraining(model.train(), name="test")
+    assert torch.equal(trained(x, t), model(x, t)) and trained.graphed is None
+    assert fast_trained(model, FastPath(cuda_graphs=True), graphs_allowed=True) is model  # no CUDA here
+    assert fast_frozen(model, FastPath(cuda_graphs=True), static_shapes=True, name="t") is model
 
 
 def _kd_loop(tmp_path) -> KDTrainLoop:
@@ -220,11 +267,11 @@ def test_config_compile_flag_wires_student_teacher_and_sampler(tmp_path, monkeyp
                        model=_model(2, attention=""),
                        diffusion=_diffusion(), batch_size=4, microbatch=-1, lr=1e-3, ema_rate="0.9",
                        log_interval=0, save_interval=0, resume_checkpoint="", run_dir=str(tmp_path),
-                       compile=True)
+                       fast=FastPath(compile=True))
     assert isinstance(loop.ddp_model, CompiledWithFallback) and isinstance(pool.teacher, CompiledWithFallback)
     loop.run_step(*loop.next_batch())
     assert loop.step == 1 and not loop.ddp_model.failed and not pool.teacher.failed
     kwargs = dict(num_samples=3, batch_size=3, image_size=8, seed=5, progress=False)
     plain = sample_images(teacher, _diffusion(), **kwargs)
-    fast = sample_images(teacher, _diffusion(), compile=True, **kwargs)
+    fast = sample_images(teacher, _diffusion(), fast=FastPath(compile=True), **kwargs)
     assert np.abs(fast.astype(int) - plain.astype(int)).max() <= 1  # uint8 rounding of ~1e-6 differences

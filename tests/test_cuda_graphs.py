@@ -1,0 +1,132 @@
+"""CUDA graphs compute what the eager calls compute (needs a GPU: run on the GPU machine, see PERFORMANCE.md).
+
+On CPU these are skipped; `tests/test_fast_paths.py` checks there that the wrappers pass CPU calls through.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guided_diffusion import logger
+from guided_diffusion.compile_util import FastPath
+from guided_diffusion.cuda_graphs import GraphedInference, GraphedTraining
+from guided_diffusion.dynamic_batch import DynamicBatch
+from guided_diffusion.kd_util import KDTrainLoop
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model
+from guided_diffusion.train_util import TrainLoop
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+FAST = FastPath(cuda_graphs=True, half_norm=True)
+PLAIN = FastPath(half_norm=True)  # the same kernels without graphs
+
+
+def _model(seed: int, dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(
+        16, 32, 1, channel_mult="1,2", learn_sigma=True, class_cond=False, use_checkpoint=False,
+        attention_resolutions="8", num_heads=4, num_head_channels=16, num_heads_upsample=-1,
+        use_scale_shift_norm=True, dropout=dropout, resblock_updown=True, use_fp16=False,
+        use_new_attention_order=True,
+    )
+    with torch.no_grad():  # the zero-initialised output convs would hide any difference
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.cuda()
+
+
+def _diffusion():
+    return create_gaussian_diffusion(steps=50, learn_sigma=True, noise_schedule="cosine",
+                                     timestep_respacing="")
+
+
+@pytest.fixture(autouse=True)
+def _log_dir(tmp_path):
+    logger.configure(str(tmp_path / "log"), format_strs=[])
+
+
+def test_graphed_inference_matches_eager_and_records_repeated_shapes():
+    model = _model(0).eval().requires_grad_(False)
+    graphed = GraphedInference(model, name="test", max_graphs=2)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for i in range(4):
+            x = torch.randn(8, 3, 16, 16, device="cuda")
+            t = torch.randint(0, 50, (8,), device="cuda")
+            out = graphed(x, t)
+            torch.testing.assert_close(out, model(x, t), rtol=0, atol=0)
+            assert len(graphed.graphs) == (1 if i >= 1 else 0)  # recorded on the second call
+        other = torch.randn(3, 3, 16, 16, device="cuda")  # a one-off shape runs eagerly
+        t3 = torch.randint(0, 50, (3,), device="cuda")
+        torch.testing.assert_close(graphed(other, t3), model(other, t3), rtol=0, atol=0)
+    assert len(graphed.graphs) == 1 and not graphed.failed
+
+
+def _train(fast: FastPath, steps: int = 4, batch: int = 8) -> tuple[list[float], list[torch.Tensor]]:
+    model = _model(1)
+    loop = TrainLoop(model=model, diffusion=_diffusion(), data=iter(()), batch_size=batch, microbatch=-1,
+                     lr=1e-3, ema_rate="0.9", log_interval=0, save_interval=0, resume_checkpoint="",
+                     precision="bf16", seed=0, fast=fast)
+    torch.manual_seed(2)
+    data = torch.rand(batch, 3, 16, 16, device="cuda") * 2 - 1
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        loop.run_step(data, {})
+        total, count = loop._acc.pop("loss")
+        losses.append(float(total) / count)
+        loop._acc.clear()
+    if fast.cuda_graphs:
+        assert isinstance(loop.ddp_model, GraphedTraining) and loop.ddp_model.graphed is not None
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_graphed_training_steps_match_eager_steps():
+    graphed_losses, graphed_params = _train(FAST)
+    eager_losses, eager_params = _train(PLAIN)
+    assert eager_losses[0] != eager_losses[-1]
+    torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-4)
+    for g, e in zip(graphed_params, eager_params, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
+
+
+def test_graphed_training_serves_other_calls_eagerly():
+    model = _model(3).train()
+    graphed = GraphedTraining(model, name="test")
+    x, t = torch.randn(4, 3, 16, 16, device="cuda"), torch.randint(0, 50, (4,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        out = graphed(x, t)
+        grads = torch.autograd.grad(out.float().square().mean(), list(model.parameters()))
+        ref = model(x, t)
+        ref_grads = torch.autograd.grad(ref.float().square().mean(), list(model.parameters()))
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-4)
+        with torch.no_grad():  # e.g. TCCD's trajectory steps
+            torch.testing.assert_close(graphed(x[:2], t[:2]), model(x[:2], t[:2]), rtol=1e-3, atol=1e-3)
+    assert graphed.graphed is not None and not graphed.failed
+
+
+def test_kd_loop_with_graphs_matches_eager(tmp_path):
+    def run(fast: FastPath) -> list[float]:
+        teacher, student = _model(4).eval().requires_grad_(False), _model(5)
+        diffusion = _diffusion()
+        pool = DynamicBatch(teacher, diffusion, batch_size=8, image_shape=(3, 16, 16), rho=0.4,
+                            precision="bf16", device="cuda", seed=0)
+        pool.prepare(progress=False)
+        loop = KDTrainLoop(teacher=teacher, teacher_diffusion=diffusion, dynamic_batch=pool, model=student,
+                           diffusion=diffusion, batch_size=8, microbatch=-1, lr=1e-3, ema_rate="0.9",
+                           log_interval=0, save_interval=0, resume_checkpoint="", precision="bf16",
+                           run_dir=str(tmp_path / str(fast.cuda_graphs)), seed=0, fast=fast)
+        losses = []
+        for step in range(4):
+            torch.manual_seed(200 + step)
+            loop.run_step(*loop.next_batch())
+            total, count = loop._acc.pop("loss")
+            losses.append(float(total) / count)
+            loop._acc.clear()
+        if fast.cuda_graphs:
+            assert isinstance(pool.teacher, GraphedInference) and len(pool.teacher.graphs) == 1
+        return losses
+
+    torch.testing.assert_close(torch.tensor(run(FAST)), torch.tensor(run(PLAIN)), rtol=1e-3, atol=1e-4)
