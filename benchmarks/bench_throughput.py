@@ -5,9 +5,9 @@ Each case is built from the real arch/diffusion YAMLs and runs the very objects 
 teacher_step), with random weights and synthetic in-memory data. `--mode baseline` is the public code's
 recipe on our loops (fp16 autocast, fp32 master weights, dynamic loss scale, GroupNorm through fp32, eager);
 `--mode optimized` is what the scripts run by default with `precision: bf16` (bf16 autocast, `half_norm`
-GroupNorm, `cuda_graphs` for the student's forward/backward and the frozen teacher/sampler; `--compile on`
-adds the scripts' `compile: true`). Rows are printed (and the JSON rewritten) as each case finishes, so a
-timeout still leaves numbers.
+GroupNorm, `cuda_graphs` for the student's forward/backward, `compile` with CUDA graphs for the frozen
+teacher/sampler; `--compile off` measures the scripts with `compile: false`). Rows are printed (and the
+JSON rewritten) as each case finishes, so a timeout still leaves numbers.
 
     python benchmarks/bench_throughput.py --device cuda --mode both --json bench.json
     python benchmarks/bench_throughput.py --tiny --device cpu --iters 2 --warmup 1
@@ -92,8 +92,8 @@ class Options:
 
 
 def mode_options(mode: str, compile_flag: str) -> Options:
-    """Baseline = the public code's recipe; optimized = the scripts' defaults in bf16 (plus `compile: true`
-    with `compile_flag` "on"). The fast-path switches are no-ops on CPU."""
+    """Baseline = the public code's recipe; optimized = the scripts' defaults in bf16 (`compile: false` with
+    `compile_flag` "off"). The fast-path switches are no-ops on CPU."""
     if mode == "baseline":
         return Options("fp16", FastPath())
     return Options("bf16", FastPath(compile=compile_flag == "on", cuda_graphs=True, half_norm=True))
@@ -311,8 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infer-iters", type=int, default=0, help="timed sample/prepare iterations (0: --iters)")
     p.add_argument("--infer-warmup", type=int, default=None, help="sample/prepare warm-up (default --warmup)")
     p.add_argument("--mode", default="both", choices=("baseline", "optimized", "both"))
-    p.add_argument("--compile", default="off", choices=("on", "off"),
-                   help="optimized mode with the scripts' `compile: true` (torch.compile) as well")
+    p.add_argument("--compile", default="on", choices=("on", "off"),
+                   help="optimized mode with the scripts' default `compile: true`, or with `compile: false`")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (default by GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--json", default=None, help="write the results here (rewritten after every case)")

@@ -3,10 +3,10 @@
 Distils the shipped digits teacher (data-free) into the digits student of yaml/digits_32/exp/Digits-DKDM.yaml
 through `kd_util.KDTrainLoop`, once per `--precision`. The teacher pool is prepared once (fp32) and every run
 loads it with fresh generators, the same seed and the same student initialization, so the curves differ only
-by the precision (and, with `--optimized`, by the scripts' default fast path, `cuda_graphs` and `half_norm`,
-applied to every precision but fp32, whose run keeps both off, so the comparison reads "plain fp32 vs
-optimized bf16"). Writes `curves.csv`, `loss_curves.png`, `summary.json` and each run's own dir under
-`--out`, and prints the final smoothed losses and their relative difference.
+by the precision (and, with `--optimized`, by the scripts' default fast path, `compile`, `cuda_graphs` and
+`half_norm`, applied to every precision but fp32, whose run keeps all three off, so the comparison reads
+"plain fp32 vs optimized bf16"). Writes `curves.csv`, `loss_curves.png`, `summary.json` and each run's
+own dir under `--out`, and prints the final smoothed losses and their relative difference.
 
     python benchmarks/loss_curve_check.py --steps 2000 --precision fp32,bf16 --device cuda --optimized \
         --out DIR
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=("cuda", "cpu"))
     p.add_argument("--optimized", action="store_true",
-                   help="cuda_graphs and half_norm for every precision but fp32 (off otherwise)")
+                   help="compile, cuda_graphs, half_norm for every precision but fp32 (off otherwise)")
     p.add_argument("--config", default=str(CONFIG), help="the KD config (default Digits-DKDM.yaml)")
     p.add_argument("--teacher", default=str(TEACHER), help="teacher checkpoint")
     p.add_argument("--batch-size", type=int, default=None, help="student batch (default: the config's)")
@@ -82,8 +82,8 @@ def build_config(args: argparse.Namespace, precision: str, pool_path: str):
     fast = args.optimized and precision != "fp32"
     overrides = {"max_steps": args.steps, "log_interval": args.log_interval, "save_interval": 0,
                  "batch_size": args.batch_size, "timestep_respacing": args.timestep_respacing,
-                 "seed": args.seed, "precision": precision, "compile": False,
-                 "cuda_graphs": fast, "half_norm": fast}
+                 "seed": args.seed, "precision": precision, "compile": fast, "cuda_graphs": fast,
+                 "half_norm": fast}
     cfg = load_config(args.config, overrides)
     if args.timestep_respacing is not None:
         cfg.teacher.timestep_respacing = str(args.timestep_respacing)

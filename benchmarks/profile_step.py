@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--top", type=int, default=20)
-    p.add_argument("--compile", default="off", choices=("on", "off"))
+    p.add_argument("--compile", default="on", choices=("on", "off"))
     p.add_argument("--out", required=True, help="text file the tables are appended to")
     args = p.parse_args(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]

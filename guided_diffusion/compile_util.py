@@ -106,7 +106,8 @@ class FastPath:
 
     `half_norm`: GroupNorm reads fp16/bf16 activations directly (float32 statistics, no casts).
     `cuda_graphs`: static-shape UNet calls replay CUDA graphs (frozen nets; the student's forward/backward
-    in single-process training with one microbatch). `compile`: torch.compile instead of plain graphs.
+    in single-process training with one microbatch). `compile`: torch.compile for the frozen nets (with
+    graphs at static shapes) and for a student that runs without graphs; CUDA models only.
     All are no-ops on CPU and for fp32, so the reference path is untouched.
     """
 
@@ -125,15 +126,22 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _compiles_here(model: torch.nn.Module) -> bool:
+    """`compile` acts on CUDA models. On CPU, inductor's C++ build takes minutes and gains nothing on the
+    small machines CPU runs use, so it stays eager there unless BACKEND_ENV names a backend (the tests)."""
+    return _device_of(model).type == "cuda" or BACKEND_ENV in os.environ
+
+
 def fast_trained(model: Callable, fast: FastPath, *, graphs_allowed: bool, name: str = "student UNet"
                  ) -> Callable:
-    """The training forward: compiled (default mode, eager fallback) with `compile`, else CUDA graphs of
-    forward and backward with `cuda_graphs` when `graphs_allowed` (the loop's single-process,
-    one-microbatch case) on CUDA, else `model` itself."""
-    if fast.compile:
-        return maybe_compile(model, True, name=name, backend=compile_backend())
+    """The training forward: CUDA graphs of forward and backward with `cuda_graphs` when `graphs_allowed`
+    (the loop's single-process, one-microbatch case) on CUDA; otherwise torch.compile (default mode,
+    eager fallback) with `compile`; otherwise `model` itself. Graphs come first because they measured
+    faster for training on the H100 than the compiled forward (docs/PERFORMANCE.md)."""
     if fast.cuda_graphs and graphs_allowed and _device_of(model).type == "cuda":
         return GraphedTraining(model, name=name)
+    if fast.compile and _compiles_here(model):
+        return maybe_compile(model, True, name=name, backend=compile_backend())
     return model
 
 
@@ -147,7 +155,7 @@ def fast_frozen(model: torch.nn.Module, fast: FastPath, *, static_shapes: bool, 
     if fast.half_norm:
         use_half_norm(model)
     cuda = _device_of(model).type == "cuda"
-    if fast.compile:
+    if fast.compile and _compiles_here(model):
         graphs = static_shapes and cuda and compile_backend() == "inductor"
         return maybe_compile(model, True, mode="reduce-overhead" if graphs else "default",
                              dynamic=False if static_shapes else None, clone_outputs=graphs, name=name,

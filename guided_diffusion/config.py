@@ -58,7 +58,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "precision": "auto",  # bf16 autocast on CUDA when use_fp16, else fp32
     "grad_clip": 0.0,  # 0 = off
     "max_nonfinite_skips": 50,
-    "compile": False,
+    "compile": True,  # CUDA only: torch.compile of the frozen nets (compile_util.FastPath)
     "cuda_graphs": True,  # CUDA only: replay static-shape UNet calls as graphs (compile_util.FastPath)
     "half_norm": True,  # CUDA half precision only: GroupNorm reads bf16/fp16 directly, fp32 statistics
     "lr_schedule": "constant",
