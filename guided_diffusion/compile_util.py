@@ -137,7 +137,10 @@ def fast_trained(model: Callable, fast: FastPath, *, graphs_allowed: bool, name:
     """The training forward: CUDA graphs of forward and backward with `cuda_graphs` when `graphs_allowed`
     (the loop's single-process, one-microbatch case) on CUDA; otherwise torch.compile (default mode,
     eager fallback) with `compile`; otherwise `model` itself. Graphs come first because they measured
-    faster for training on the H100 than the compiled forward (docs/PERFORMANCE.md)."""
+    faster for training on the H100 than the compiled forward (docs/PERFORMANCE.md). `half_norm` switches
+    the model's GroupNorms first."""
+    if fast.half_norm:
+        use_half_norm(model)
     if fast.cuda_graphs and graphs_allowed and _device_of(model).type == "cuda":
         return GraphedTraining(model, name=name)
     if fast.compile and _compiles_here(model):

@@ -28,7 +28,6 @@ from .checkpoint import (
 )
 from .compile_util import FastPath, fast_trained
 from .mixed_precision import MixedPrecisionTrainer, make_optimizer, resolve_precision
-from .nn import use_half_norm
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -179,8 +178,6 @@ class TrainLoop:
         self.resume_files: dict[str, str] = {}
 
         self.fast = fast or FastPath()
-        if self.fast.half_norm:
-            use_half_norm(model)
         self.extra_modules = dict(self.extra_params())
         extra = [p for m in self.extra_modules.values() for p in m.parameters()]
         if self.world_size > 1:
