@@ -7,6 +7,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterable
 from types import TracebackType
@@ -107,6 +108,9 @@ def setup_dist(backend: str | None = None, timeout_s: float | None = None) -> No
         abort_on_exception()
 
 
+ABORT_GRACE_S = 1.0  # seconds between printing a rank's uncaught error and aborting the MPI job
+
+
 def _abort_hook(
     exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
 ) -> None:
@@ -115,6 +119,9 @@ def _abort_hook(
     sys.stderr.write(f"[rank {rank}] uncaught {exc_type.__name__}: {exc}\n{text}")
     sys.stderr.write(f"[rank {rank}] aborting all MPI ranks\n")
     sys.stderr.flush()
+    # mpiexec forwards each rank's output through a pipe; an immediate Abort can kill the forwarder before
+    # it has drained the message (seen once in a CI run: empty stderr). Give it a moment.
+    time.sleep(ABORT_GRACE_S)
     _mpi_comm().Abort(1)
 
 
