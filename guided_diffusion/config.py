@@ -413,6 +413,22 @@ class ConfigArgumentParser(argparse.ArgumentParser):
     override_keys: tuple[str, ...] = ()
 
 
+# Command-line overrides every training script takes (image_train, image_kd adds its own).
+TRAINING_FLAGS: dict[str, type] = {
+    "data_dir": str,
+    "resume_checkpoint": str,
+    "batch_size": int,
+    "microbatch": int,
+    "lr": float,
+    "max_steps": int,
+    "log_interval": int,
+    "save_interval": int,
+    "sample_interval": int,
+    "precision": str,
+    "seed": int,
+}
+
+
 def build_arg_parser(description: str, flags: Mapping[str, type]) -> ConfigArgumentParser:
     """A parser with `--config` plus one `--<key>` per flag (default None = keep the YAML's value)."""
     from guided_diffusion.script_util import str2bool

@@ -11,7 +11,7 @@ optionally initialized (strictly) from `student.model_path`. The dynamic batch i
 from __future__ import annotations
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.config import build_arg_parser, parse_config_args
+from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
 from guided_diffusion.kd_util import (
     check_diffusions,
     check_sections,
@@ -34,20 +34,7 @@ from guided_diffusion.step_distill import (
 )
 from guided_diffusion.train_util import loop_kwargs
 
-FLAGS = {
-    "resume_checkpoint": str,
-    "data_dir": str,
-    "batch_size": int,
-    "microbatch": int,
-    "lr": float,
-    "max_steps": int,
-    "log_interval": int,
-    "save_interval": int,
-    "cache_save_interval": int,
-    "sample_interval": int,
-    "precision": str,
-    "seed": int,
-}
+FLAGS = {**TRAINING_FLAGS, "cache_save_interval": int}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.config import build_arg_parser, parse_config_args, primary_section
+from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args, primary_section
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.run_setup import (
     add_run_arguments,
@@ -17,19 +17,7 @@ from guided_diffusion.run_setup import (
 )
 from guided_diffusion.train_util import TrainLoop, loop_kwargs
 
-FLAGS = {
-    "data_dir": str,
-    "resume_checkpoint": str,
-    "batch_size": int,
-    "microbatch": int,
-    "lr": float,
-    "max_steps": int,
-    "log_interval": int,
-    "save_interval": int,
-    "sample_interval": int,
-    "precision": str,
-    "seed": int,
-}
+FLAGS = TRAINING_FLAGS
 
 
 def main(argv: list[str] | None = None) -> None:
