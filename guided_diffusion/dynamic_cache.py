@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+from typing import BinaryIO, NoReturn
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 class _CacheUnpickler(pickle.Unpickler):
     """Unpickler whose ``find_class`` resolves only the cache layout's globals and refuses all others."""
 
-    def __init__(self, file, path: str):
+    def __init__(self, file: BinaryIO, path: str) -> None:
         super().__init__(file)
         self._path = path
         self._allowed = _allowed_globals()
@@ -61,7 +62,7 @@ class _CacheUnpickler(pickle.Unpickler):
                 f"{self._path}: refused to load global '{module}.{name}' (not part of a DKDM cache file)"
             ) from None
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: object) -> NoReturn:
         raise CacheError(f"{self._path}: refused persistent id in cache file")
 
 

@@ -8,7 +8,7 @@ resume. Further objectives (TCCD, relational terms) register as `extra_losses` i
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -37,7 +37,7 @@ class ExtraLoss(Protocol):
 
     def __call__(self, loop: KDTrainLoop, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
 
-    def parameters(self): ...
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
 
 class _StudentProbe:

@@ -11,6 +11,7 @@ import io
 import math
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from PIL import Image
 
 from . import dist_util, logger
 from .checkpoint import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .gaussian_diffusion import GaussianDiffusion
 from .compile_util import FastPath, fast_frozen
 
 _SEED_STRIDE = 1_000_003  # keeps the per-(rank, round) seeds of different base seeds apart
@@ -48,7 +52,7 @@ def _gather(tensor: torch.Tensor) -> list[torch.Tensor]:
 @torch.no_grad()
 def sample_images_and_labels(
     model: torch.nn.Module,
-    diffusion,
+    diffusion: GaussianDiffusion,
     *,
     num_samples: int,
     batch_size: int,
@@ -114,7 +118,7 @@ def sample_images_and_labels(
 
 def sample_images(
     model: torch.nn.Module,
-    diffusion,
+    diffusion: GaussianDiffusion,
     *,
     num_samples: int,
     batch_size: int,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .respace import SpacedDiffusion
+    from .unet import UNetModel
 
 NUM_CLASSES = 1000
 
@@ -80,7 +84,7 @@ def create_model_and_diffusion(
     resblock_updown: bool,
     use_fp16: bool,
     use_new_attention_order: bool,
-):
+) -> tuple[UNetModel, SpacedDiffusion]:
     """Build (UNetModel, SpacedDiffusion); takes exactly the keys of `model_and_diffusion_defaults()`."""
     model = create_model(
         image_size,
@@ -181,7 +185,7 @@ def create_model(
     resblock_updown: bool = False,
     use_fp16: bool = False,
     use_new_attention_order: bool = False,
-):
+) -> UNetModel:
     """Build the ADM `UNetModel` for RGB images from script-level (string) arguments."""
     from .unet import UNetModel
 
@@ -217,7 +221,7 @@ def create_gaussian_diffusion(
     rescale_timesteps: bool = False,
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str | Sequence[int] = "",
-):
+) -> SpacedDiffusion:
     """Build a `SpacedDiffusion` (all `steps` kept when `timestep_respacing` is empty)."""
     from . import gaussian_diffusion as gd
     from .respace import SpacedDiffusion, space_timesteps

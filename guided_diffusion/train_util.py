@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from .checkpoint import (
 )
 from .compile_util import FastPath, fast_trained
 from .mixed_precision import MixedPrecisionTrainer, make_optimizer, resolve_precision
+
+if TYPE_CHECKING:
+    from .gaussian_diffusion import GaussianDiffusion
+    from .resample import ScheduleSampler
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -119,7 +123,7 @@ class TrainLoop:
         self,
         *,
         model: torch.nn.Module,
-        diffusion,
+        diffusion: GaussianDiffusion,
         data: Iterator,
         batch_size: int,
         microbatch: int,
@@ -131,7 +135,7 @@ class TrainLoop:
         use_fp16: bool = False,
         precision: str = "auto",
         fp16_scale_growth: float = 1e-3,
-        schedule_sampler=None,
+        schedule_sampler: ScheduleSampler | None = None,
         weight_decay: float = 0.0,
         lr_anneal_steps: int = 0,
         max_steps: int = 0,
@@ -141,7 +145,7 @@ class TrainLoop:
         seed: int = 0,
         run_dir: str | None = None,
         sample_interval: int = 0,
-        sample_diffusion=None,
+        sample_diffusion: GaussianDiffusion | None = None,
         fast: FastPath | None = None,
     ) -> None:
         if lr_schedule not in LR_SCHEDULES:
@@ -525,7 +529,7 @@ class TrainLoop:
             logger.log(f"wrote sample grid {path}")
 
 
-def _to_cpu(state):
+def _to_cpu(state: Any) -> Any:
     if isinstance(state, torch.Tensor):
         return state.cpu()
     if isinstance(state, dict):
@@ -533,10 +537,10 @@ def _to_cpu(state):
     return state
 
 
-def _sampler_state(sampler) -> dict | None:
+def _sampler_state(sampler: ScheduleSampler) -> dict | None:
     return sampler.state_dict() if hasattr(sampler, "state_dict") else None
 
 
-def _load_sampler_state(sampler, state: dict | None) -> None:
+def _load_sampler_state(sampler: ScheduleSampler, state: dict | None) -> None:
     if state is not None and hasattr(sampler, "load_state_dict"):
         sampler.load_state_dict(state)

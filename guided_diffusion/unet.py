@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -374,7 +375,7 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor,
         y: torch.Tensor | None = None,
         return_features: bool = False,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
         """Predict the model output [N, out_channels, ...] for noisy `x` [N, C, ...] at `timesteps` [N].
 
         With `return_features=True` returns `(out, feats)`: feats["emb"] the conditioning embedding
