@@ -9,13 +9,12 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from evaluations import evaluator
 from guided_diffusion.checkpoint import CheckpointMismatchError, load_state_dict_strict
@@ -23,11 +22,6 @@ from guided_diffusion.config import load_config, model_and_diffusion_kwargs
 from guided_diffusion.dynamic_cache import CacheError, load_cache, save_cache
 from guided_diffusion.image_datasets import DataError, load_data
 from guided_diffusion.script_util import create_model_and_diffusion
-
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-MPIEXEC = str(Path(PY).parent / "mpiexec")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 class _Payload:
@@ -44,28 +38,16 @@ class _Payload:
 def files(tmp_path_factory) -> dict[str, Path]:
     """Random tiny teacher/student checkpoints, a valid pool cache and a KD YAML template."""
     root = tmp_path_factory.mktemp("bad")
-    base = load_config(REPO / "tests/configs/tiny_kd.yaml")
-    torch.manual_seed(0)
-    for name in ("teacher", "student"):
-        model, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(base[name]))
-        torch.save(model.state_dict(), root / f"{name}.pt")
+    checkpoints = write_tiny_checkpoints(root)
     rng = np.random.default_rng(0)
     save_cache(str(root / "pool.cache"), rng.integers(0, 21, 32), rng.standard_normal((32, 3, 16, 16)))
-    return {"root": root, "teacher": root / "teacher.pt", "student": root / "student.pt",
-            "pool": root / "pool.cache"}
+    return {"root": root, **checkpoints, "pool": root / "pool.cache"}
 
 
 def _kd_yaml(
     files: dict[str, Path], path: Path, teacher: dict | None = None, student: dict | None = None
 ) -> Path:
-    raw = OmegaConf.load(REPO / "tests/configs/tiny_kd.yaml")
-    raw.teacher.model_path, raw.teacher.tempfile = str(files["teacher"]), str(files["pool"])
-    raw.student.max_steps = 1
-    for section, values in (("teacher", teacher or {}), ("student", student or {})):
-        for key, value in values.items():
-            raw[section][key] = value
-    OmegaConf.save(raw, path)
-    return path
+    return write_kd_yaml(path, files["teacher"], files["pool"], teacher, {"max_steps": 1, **(student or {})})
 
 
 def _script(script: str, args: list[str], mpi: int = 0, timeout: int = 120) -> tuple[int, str]:

@@ -9,23 +9,17 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from script_env import ENV, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from guided_diffusion.checkpoint import FAULT_SLEEP_ENV, find_resume_set, read_latest, safe_torch_load
-from guided_diffusion.config import load_config, model_and_diffusion_kwargs
 from guided_diffusion.dynamic_cache import load_cache
 from guided_diffusion.kd_util import POOL_PATTERN
-from guided_diffusion.script_util import create_model_and_diffusion
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 MAX_STEPS, SAVE_INTERVAL = 24, 3
 CKPT_TEMP_PREFIXES = (".model", ".ema_", ".opt", ".latest")  # temp files of the checkpoint set's writes
 SET_ROLES = {"required": ("model", "opt", "ema", "pool"), "ema_rates": ["0.9999"],
@@ -36,17 +30,8 @@ SET_ROLES = {"required": ("model", "opt", "ema", "pool"), "ema_rates": ["0.9999"
 def kd_config(tmp_path_factory) -> Path:
     """tiny_kd.yaml with a random-init teacher, its pool cache path, MAX_STEPS and frequent saves."""
     root = tmp_path_factory.mktemp("fault")
-    torch.manual_seed(0)
-    teacher, _ = create_model_and_diffusion(
-        **model_and_diffusion_kwargs(load_config(REPO / "tests/configs/tiny_kd.yaml").teacher)
-    )
-    torch.save(teacher.state_dict(), root / "teacher.pt")
-    raw = OmegaConf.load(REPO / "tests/configs/tiny_kd.yaml")
-    raw.teacher.model_path = str(root / "teacher.pt")
-    raw.teacher.tempfile = str(root / "pool.cache")
-    raw.student.max_steps, raw.student.save_interval = MAX_STEPS, SAVE_INTERVAL
-    OmegaConf.save(raw, root / "kd.yaml")
-    return root / "kd.yaml"
+    return write_kd_yaml(root / "kd.yaml", write_tiny_checkpoints(root)["teacher"], root / "pool.cache",
+                         student={"max_steps": MAX_STEPS, "save_interval": SAVE_INTERVAL})
 
 
 def _launch(args: list[str], log: Path, save_sleep: float = 0.0) -> subprocess.Popen:

@@ -1,9 +1,7 @@
 """DKDM loop and scripts: strict teacher, T check, masked and extra losses, exact resume, 2-rank run."""
 
 import csv
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from guided_diffusion import logger
 from guided_diffusion.checkpoint import CheckpointMismatchError
@@ -27,28 +26,13 @@ from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 
 torch.set_num_threads(1)  # the CI box has 2 shared cores; more threads only contend
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-MPIEXEC = str(Path(PY).parent / "mpiexec")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
 
 @pytest.fixture(scope="module")
 def kd_files(tmp_path_factory):
     """A random tiny teacher checkpoint, a student-arch checkpoint and a KD YAML pointing at them."""
     root = tmp_path_factory.mktemp("kd")
-    base = load_config(REPO / "tests/configs/tiny_kd.yaml")
-    torch.manual_seed(0)
-    teacher, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(base.teacher))
-    torch.save(teacher.state_dict(), root / "teacher.pt")
-    student, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(base.student))
-    torch.save(student.state_dict(), root / "student.pt")
-    raw = OmegaConf.load(REPO / "tests/configs/tiny_kd.yaml")
-    raw.teacher.model_path = str(root / "teacher.pt")
-    raw.teacher.tempfile = str(root / "pool.cache")
-    config = root / "tiny_kd_run.yaml"
-    OmegaConf.save(raw, config)
-    return root, config
+    teacher = write_tiny_checkpoints(root)["teacher"]
+    return root, write_kd_yaml(root / "tiny_kd_run.yaml", teacher, root / "pool.cache")
 
 
 def _run(script: str, args: list[str], mpi: int = 0, timeout: int = 120) -> subprocess.CompletedProcess:

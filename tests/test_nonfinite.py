@@ -5,9 +5,7 @@ job."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -16,38 +14,25 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from guided_diffusion import logger
 from guided_diffusion.checkpoint import read_latest, safe_torch_load
-from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.config import load_config
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.mixed_precision import NonFiniteLossError
 from guided_diffusion.run_setup import build_model_and_diffusion
-from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.train_util import TrainLoop
 
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-MPIEXEC = str(Path(PY).parent / "mpiexec")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def kd_config(tmp_path_factory) -> Path:
     """tiny_kd.yaml with a random-init teacher and a pool cache path in a fresh folder."""
     root = tmp_path_factory.mktemp("nan_kd")
-    torch.manual_seed(0)
-    teacher, _ = create_model_and_diffusion(
-        **model_and_diffusion_kwargs(load_config(REPO / "tests/configs/tiny_kd.yaml").teacher)
-    )
-    torch.save(teacher.state_dict(), root / "teacher.pt")
-    raw = OmegaConf.load(REPO / "tests/configs/tiny_kd.yaml")
-    raw.teacher.model_path, raw.teacher.tempfile = str(root / "teacher.pt"), str(root / "pool.cache")
-    raw.student.log_interval, raw.student.save_interval, raw.student.max_nonfinite_skips = 1, 2, 3
-    OmegaConf.save(raw, root / "kd.yaml")
-    return root / "kd.yaml"
+    return write_kd_yaml(root / "kd.yaml", write_tiny_checkpoints(root)["teacher"], root / "pool.cache",
+                         student={"log_interval": 1, "save_interval": 2, "max_nonfinite_skips": 3})
 
 
 def _train_loop(tmp_path: Path, **kwargs) -> TrainLoop:

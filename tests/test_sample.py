@@ -1,24 +1,18 @@
 """Sampling: exact sample counts under MPI, the evaluator's npz layout, PNG grids, determinism."""
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_env import ENV, MPIEXEC, PY, REPO
 
 from guided_diffusion.config import load_config
 from guided_diffusion.run_setup import build_model_and_diffusion
 from guided_diffusion.sampling import make_grid, sample_images, save_grid, save_samples
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-MPIEXEC = str(Path(PY).parent / "mpiexec")
 TINY = "tests/configs/tiny_baseline.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _tiny(respacing: str = "4"):

@@ -2,15 +2,13 @@
 that trains, saves (with `tccd.` keys), resumes exactly and samples."""
 
 import csv
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from script_env import ENV, PY, REPO
 
 from guided_diffusion import logger
 from guided_diffusion.checkpoint import CheckpointMismatchError
@@ -23,9 +21,6 @@ from guided_diffusion.tccd_util import TCCDTrainLoop
 
 torch.set_num_threads(1)  # the CI box has 2 shared cores; more threads only contend
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 TCCD_CONFIGS = {  # TCCD config -> the DKDM config it extends
     **{f"cifar10_32/exp/CIFAR10-{s}M-TCCD-0.4.yaml": f"cifar10_32/exp/CIFAR10-{s}M-Dynamic-0.4.yaml"

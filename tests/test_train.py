@@ -1,9 +1,7 @@
 """Training loop: checkpoints, exact resume, DDP parameter sync, non-finite step handling."""
 
 import csv
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_env import ENV, MPIEXEC, PY, REPO
 
 from guided_diffusion import logger
 from guided_diffusion.config import load_config
@@ -19,11 +18,7 @@ from guided_diffusion.mixed_precision import NonFiniteLossError
 from guided_diffusion.run_setup import build_model_and_diffusion
 from guided_diffusion.train_util import TrainLoop
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-MPIEXEC = str(Path(PY).parent / "mpiexec")
 TINY = "tests/configs/tiny_baseline.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _image_folder(root: Path, n: int = 24) -> Path:
