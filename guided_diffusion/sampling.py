@@ -19,10 +19,10 @@ from PIL import Image
 
 from . import dist_util, logger
 from .checkpoint import atomic_write_bytes
+from .compile_util import FastPath, fast_frozen
 
 if TYPE_CHECKING:
     from .gaussian_diffusion import GaussianDiffusion
-from .compile_util import FastPath, fast_frozen
 
 _SEED_STRIDE = 1_000_003  # keeps the per-(rank, round) seeds of different base seeds apart
 

@@ -71,7 +71,7 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state(state["cuda"], dist_util.dev())
 
 
-def loop_kwargs(section: Any, diffusion: Any, run_dir: str | None) -> dict[str, Any]:
+def loop_kwargs(section: Any, diffusion: GaussianDiffusion, run_dir: str | None) -> dict[str, Any]:
     """The `TrainLoop` keyword arguments a config section sets (training keys of config.py's schema).
 
     Every script and tool builds its loop from this one mapping, so a training key added to the schema
