@@ -669,28 +669,40 @@ class GaussianDiffusion:
     def training_losses_kd(
         self,
         model: Model,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        teacher_out: dict[str, torch.Tensor],
         x_tm1: torch.Tensor | None = None,
+        x_t: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        out: dict[str, torch.Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        clip_last: bool = False,
+        clip_denoised: bool = False,
         input_perturb: float = 0.0,
+        *,
+        teacher_out: dict[str, torch.Tensor] | None = None,
         noise: torch.Tensor | None = None,
         decoder_nll_at_t0: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """DKDM objective: the student (`model`) at (x_t, t) matches the teacher's reverse step.
+        """DKDM objective: the student (`model`) at (x_t, t) matches the teacher's reverse step `out`.
 
-        mse = mean_flat((teacher model_output - student model_output)^2). With a learned variance, vb =
-        KL(teacher Gaussian || student Gaussian) in bits, the student's mean frozen (unclipped x0), at every t
-        as the authors' code and the reference vectors do; `decoder_nll_at_t0` instead takes the decoder
-        NLL of `x_tm1` (the teacher's sampled x_{t-1}) at t = 0. `input_perturb` > 0 replaces x_t by
-        x_t + input_perturb * sqrt(1 - alphabar_t) * noise for everything the student computes.
+        Positional order is the DKDM authors' (model, x_tm1, x_t, t, out, model_kwargs, clip_last,
+        clip_denoised, input_perturb); `teacher_out=` is accepted for `out`. mse = mean_flat((teacher
+        model_output - student model_output)^2). With a learned variance, vb = KL(teacher Gaussian ||
+        student Gaussian) in bits, the student's mean frozen, at every t as the authors' code and the
+        reference vectors do; the student's x0 is clamped when `clip_denoised`, or at t = T-1 only when
+        `clip_last` (the authors' names). `decoder_nll_at_t0` takes the decoder NLL of `x_tm1` at t = 0
+        instead. `input_perturb` > 0 replaces x_t by x_t + input_perturb * sqrt(1 - alphabar_t) * noise
+        for everything the student sees.
         """
+        if teacher_out is not None and out is not None:
+            raise TypeError("training_losses_kd got both out and teacher_out; pass the teacher's step once")
+        out = teacher_out if out is None else out
+        if x_t is None or t is None or out is None:
+            raise TypeError("training_losses_kd needs x_t, t and the teacher's step out")
         if self.loss_type.is_vb():
             raise ValueError(f"training_losses_kd supports MSE and RESCALED_MSE, not {self.loss_type}")
-        missing = [k for k in ("mean", "log_variance", "model_output") if k not in teacher_out]
+        missing = [k for k in ("mean", "log_variance", "model_output") if k not in out]
         if missing:
-            raise KeyError(f"teacher_out lacks {missing}; pass the teacher's p_mean_variance/p_sample output")
+            raise KeyError(f"teacher out lacks {missing}; pass the teacher's p_mean_variance/p_sample output")
         if decoder_nll_at_t0 and x_tm1 is None:
             raise ValueError(
                 "training_losses_kd(decoder_nll_at_t0=True) needs x_tm1, the teacher's next state"
@@ -706,11 +718,13 @@ class GaussianDiffusion:
         terms: dict[str, torch.Tensor] = {}
         if var_part is not None:
             student = self.p_mean_variance(
-                self._frozen_mean_model(model_output, var_part), x_t, t, clip_denoised=False
+                self._frozen_mean_model(model_output, var_part),
+                x_t,
+                t,
+                clip_denoised=clip_denoised,
+                denoised_fn=self._clamp_at_first_step(t) if clip_last and not clip_denoised else None,
             )
-            kl = normal_kl(
-                teacher_out["mean"], teacher_out["log_variance"], student["mean"], student["log_variance"]
-            )
+            kl = normal_kl(out["mean"], out["log_variance"], student["mean"], student["log_variance"])
             terms["vb"] = mean_flat(kl) / math.log(2.0)
             if decoder_nll_at_t0:
                 decoder_nll = -discretized_gaussian_log_likelihood(
@@ -719,9 +733,18 @@ class GaussianDiffusion:
                 terms["vb"] = torch.where(t == 0, mean_flat(decoder_nll) / math.log(2.0), terms["vb"])
             if self.loss_type == LossType.RESCALED_MSE:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
-        terms["mse"] = mean_flat((teacher_out["model_output"] - model_output) ** 2)
+        terms["mse"] = mean_flat((out["model_output"] - model_output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
+
+    def _clamp_at_first_step(self, t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x0 post-processing that clamps to [-1, 1] the items at t = T-1 only (the authors' `clip_last`)."""
+        first = t == self.num_timesteps - 1
+
+        def clamp(x0: torch.Tensor) -> torch.Tensor:
+            return torch.where(first.view(-1, *([1] * (x0.dim() - 1))), x0.clamp(-1, 1), x0)
+
+        return clamp
 
     def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
         """KL(q(x_T | x_0) || N(0, I)) in bits/dim; not trainable, but part of the full bound."""

@@ -136,7 +136,7 @@ class KDTrainLoop(TrainLoop):
         needs_features = any(getattr(extra, "needs_features", False) for extra in self.extra_losses.values())
         self._probe = _StudentProbe(self.ddp_model, needs_features)
         losses = self.diffusion.training_losses_kd(
-            self._probe, kd["x_t"], kd["t"], kd["teacher_out"], x_tm1=kd["x_tm1"],
+            self._probe, kd["x_tm1"], kd["x_t"], kd["t"], kd["teacher_out"],
             model_kwargs=kd["model_kwargs"], input_perturb=self.input_perturb,
         )
         weights = kd["weights"]

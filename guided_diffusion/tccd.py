@@ -276,7 +276,7 @@ def interactive_guidance_loss(
         zero = x_t.new_zeros(())
         return {"loss": zero, "mse": zero, "count": count}
     terms = diffusion.training_losses_kd(
-        student, x_sel, t_sel, teacher_out, model_kwargs=_select_kwargs(model_kwargs, keep)
+        student, x_t=x_sel, t=t_sel, out=teacher_out, model_kwargs=_select_kwargs(model_kwargs, keep)
     )
     return {**{k: v.mean() for k, v in terms.items()}, "count": count}
 
@@ -378,9 +378,9 @@ class TCCDLoss(nn.Module):
         capture = _FeatureCapture(student)
         terms = diffusion.training_losses_kd(
             capture,
-            torch.cat(xs),
-            torch.cat(ts),
-            {k: torch.cat([o[k] for o in outs]) for k in _KD_KEYS},
+            x_t=torch.cat(xs),
+            t=torch.cat(ts),
+            out={k: torch.cat([o[k] for o in outs]) for k in _KD_KEYS},
             model_kwargs={k: torch.cat([p[k] for p in kwargs_parts]) for k in model_kwargs},
             **kd_kwargs,
         )

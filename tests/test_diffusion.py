@@ -24,10 +24,11 @@ from guided_diffusion.script_util import (
 )
 
 RTOL = 1e-5
+ATOL = 1e-5  # where values pass through zero (reference README)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +128,36 @@ def test_kd_objective_matches_reference(vectors):
         "log_variance": ref["teacher_log_variance"],
         "model_output": ref["teacher_model_output"],
     }
-    terms = diffusion.training_losses_kd(student, ref["x_t"], ref["t"], teacher_out, x_tm1=ref["x_tm1"])
+    # The DKDM authors' positional call: (model, x_tm1, x_t, t, out, model_kwargs, clip_last, clip_denoised).
+    terms = diffusion.training_losses_kd(
+        student, ref["x_tm1"], ref["x_t"], ref["t"], teacher_out, {}, False, False
+    )
     for key in ("loss", "mse", "vb"):
+        assert ref[key].abs().min() > 0, key
         close(terms[key].detach(), ref[key])
+    by_keyword = diffusion.training_losses_kd(
+        model=student, x_t=ref["x_t"], t=ref["t"], teacher_out=teacher_out, x_tm1=ref["x_tm1"]
+    )
+    for key in ("loss", "mse", "vb"):
+        assert torch.equal(by_keyword[key], terms[key]), key
+
+
+def test_kd_clip_flags_clamp_the_students_x0_where_the_authors_do():
+    """clip_denoised clamps every item's x0 in the vb term, clip_last only the items at t = T-1."""
+    diffusion = _diffusion(20)
+    x_t = 4 * torch.randn(2, 3, 4, 4)
+    t = torch.tensor([19, 5])
+    student = ConstModel(3 * torch.randn(2, 6, 4, 4))
+    teacher = diffusion.p_mean_variance(ConstModel(torch.randn(2, 6, 4, 4)), x_t, t, clip_denoised=False)
+
+    def vb(**flags):
+        return diffusion.training_losses_kd(student, None, x_t, t, teacher, **flags)["vb"].detach()
+
+    plain, last, every = vb(), vb(clip_last=True), vb(clip_denoised=True)
+    assert last[0] != plain[0] and last[1] == plain[1]
+    assert every[0] == last[0] and every[1] != plain[1]
+    with pytest.raises(TypeError, match="both"):
+        diffusion.training_losses_kd(student, None, x_t, t, teacher, teacher_out=teacher)
 
 
 # ------------------------------------------------------------------ diffusion math
@@ -299,14 +327,14 @@ def test_kd_self_distillation_is_zero_and_gradients_split():
     student = ConstModel(torch.randn(3, 6, 4, 4) * 0.5)
     with torch.no_grad():
         teacher = diffusion.p_sample(student, x_t, t, clip_denoised=False)
-    terms = diffusion.training_losses_kd(student, x_t, t, teacher, x_tm1=teacher["sample"])
+    terms = diffusion.training_losses_kd(student, x_t=x_t, t=t, out=teacher, x_tm1=teacher["sample"])
     close(terms["loss"], torch.zeros(3))
     shifted = {
         **teacher,
         "model_output": teacher["model_output"] + 1,
         "log_variance": teacher["log_variance"] + 1,
     }
-    terms = diffusion.training_losses_kd(student, x_t, t, shifted, x_tm1=teacher["sample"])
+    terms = diffusion.training_losses_kd(student, x_t=x_t, t=t, out=shifted, x_tm1=teacher["sample"])
     close(terms["mse"], torch.ones(3))
     (grad_vb,) = torch.autograd.grad(terms["vb"].sum(), student.out, retain_graph=True)
     (grad_mse,) = torch.autograd.grad(terms["mse"].sum(), student.out)
@@ -326,18 +354,23 @@ def test_kd_kl_direction_decoder_option_and_rescaling():
         "model_output": own["model_output"],
     }
     x_tm1 = torch.rand(2, 3, 4, 4) * 2 - 1
-    terms = diffusion.training_losses_kd(student, x_t, t, teacher, x_tm1=x_tm1)
+    terms = diffusion.training_losses_kd(student, x_t=x_t, t=t, out=teacher, x_tm1=x_tm1)
     kl = normal_kl(teacher["mean"], teacher["log_variance"], own["mean"], own["log_variance"])
     close(terms["vb"].detach(), mean_flat(kl) / math.log(2))
     nll = -discretized_gaussian_log_likelihood(x_tm1, means=own["mean"], log_scales=0.5 * own["log_variance"])
-    with_nll = diffusion.training_losses_kd(student, x_t, t, teacher, x_tm1=x_tm1, decoder_nll_at_t0=True)
+    with_nll = diffusion.training_losses_kd(
+        student, x_t=x_t, t=t, out=teacher, x_tm1=x_tm1, decoder_nll_at_t0=True
+    )
     close(with_nll["vb"][0].detach(), mean_flat(nll)[0] / math.log(2))
     close(with_nll["vb"][1].detach(), terms["vb"][1].detach())
     rescaled = _diffusion(20, "10", loss_type=gd.LossType.RESCALED_MSE)
-    close(rescaled.training_losses_kd(student, x_t, t, teacher)["vb"].detach(), terms["vb"].detach() / 100)
+    close(
+        rescaled.training_losses_kd(student, x_t=x_t, t=t, out=teacher)["vb"].detach(),
+        terms["vb"].detach() / 100,
+    )
     with pytest.raises(KeyError, match="model_output"):
         diffusion.training_losses_kd(
-            student, x_t, t, {"mean": own["mean"], "log_variance": own["log_variance"]}
+            student, x_t=x_t, t=t, out={"mean": own["mean"], "log_variance": own["log_variance"]}
         )
 
 
@@ -348,11 +381,13 @@ def test_kd_input_perturb_shifts_the_student_input():
     noise = torch.randn_like(x_t)
     student = ConstModel(torch.randn(2, 6, 4, 4) * 0.5)
     teacher = diffusion.p_mean_variance(student, x_t, t)
-    perturbed = diffusion.training_losses_kd(student, x_t, t, teacher, input_perturb=0.1, noise=noise)
+    perturbed = diffusion.training_losses_kd(
+        student, x_t=x_t, t=t, out=teacher, input_perturb=0.1, noise=noise
+    )
     sigma = torch.from_numpy(diffusion.sqrt_one_minus_alphas_cumprod[[2, 8]]).float().view(-1, 1, 1, 1)
-    manual = diffusion.training_losses_kd(student, x_t + 0.1 * sigma * noise, t, teacher)
+    manual = diffusion.training_losses_kd(student, x_t=x_t + 0.1 * sigma * noise, t=t, out=teacher)
     close(perturbed["vb"].detach(), manual["vb"].detach())
-    unperturbed = diffusion.training_losses_kd(student, x_t, t, teacher)
+    unperturbed = diffusion.training_losses_kd(student, x_t=x_t, t=t, out=teacher)
     assert not torch.allclose(perturbed["vb"], unperturbed["vb"])
 
 
@@ -394,7 +429,7 @@ def test_bad_inputs_raise():
         )
     with pytest.raises(ValueError, match="MSE"):
         _diffusion(10, loss_type=gd.LossType.KL).training_losses_kd(
-            ConstModel(torch.zeros(1, 6, 2, 2)), torch.zeros(1, 3, 2, 2), torch.tensor([1]), {}
+            ConstModel(torch.zeros(1, 6, 2, 2)), None, torch.zeros(1, 3, 2, 2), torch.tensor([1]), {}
         )
 
 

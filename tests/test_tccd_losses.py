@@ -39,6 +39,7 @@ def direct_info_nce(e, n, t, scale, same_t=True):
     e = [unit(row) for row in e.tolist()]
     n = [unit(row) for row in n.tolist()]
     t = t.tolist()
+
     def dot(a, b):
         return sum(x * y for x, y in zip(a, b, strict=True))
 
@@ -195,7 +196,9 @@ def test_interactive_queries_teacher_at_students_own_step(models):
     assert torch.equal(t_seen, torch.tensor([4, 18, 0]))
     torch.testing.assert_close(x_seen, own[keep], rtol=0, atol=0)
     assert int(terms["count"]) == 3
-    expected = diffusion.training_losses_kd(student, own[keep], t_seen, query(own[keep], t_seen))["loss"]
+    expected = diffusion.training_losses_kd(student, x_t=own[keep], t=t_seen, out=query(own[keep], t_seen))[
+        "loss"
+    ]
     torch.testing.assert_close(terms["loss"], expected.mean())
 
 
@@ -226,8 +229,9 @@ def test_interactive_step_keeps_student_variance_in_learned_range(models):
 def test_interactive_with_all_t_zero_queries_nothing(models):
     student, teacher, diffusion = models
     query = RecordingQuery(teacher, diffusion)
-    terms = interactive_guidance_loss(student, None, diffusion, torch.randn(2, 3, 16, 16),
-                                      torch.zeros(2, dtype=torch.long), query)
+    terms = interactive_guidance_loss(
+        student, None, diffusion, torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), query
+    )
     assert query.calls == [] and terms["loss"].item() == 0.0 and int(terms["count"]) == 0
     with pytest.raises(ValueError, match="teacher or a teacher_query"):
         interactive_guidance_loss(student, None, diffusion, torch.randn(1, 3, 16, 16), torch.ones(1).long())
@@ -241,7 +245,7 @@ def test_tccd_loss_combines_dkdm_alignment_and_interactive_terms(models):
     query = RecordingQuery(teacher, diffusion)
     torch.manual_seed(7)
     out = tccd(student, diffusion, batch, query, step=0)
-    kd_direct = diffusion.training_losses_kd(student, batch["x_t"], t, batch["teacher_out"])["loss"]
+    kd_direct = diffusion.training_losses_kd(student, x_t=batch["x_t"], t=t, out=batch["teacher_out"])["loss"]
     torch.testing.assert_close(out["kd"], kd_direct.detach())
     torch.manual_seed(7)
     fresh_query = RecordingQuery(teacher, diffusion)
