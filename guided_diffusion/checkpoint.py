@@ -115,6 +115,9 @@ def verify_checkpoint_file(path: PathLike) -> None:
 # Strict state-dict loading with a mismatch report
 
 
+_PROFILER_BUFFERS = ("total_ops", "total_params")
+
+
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
@@ -203,6 +206,19 @@ def mismatch_report(
     return missing, unexpected, misshaped
 
 
+def drop_profiler_buffers(
+    state: Mapping[str, Any], model_keys: Mapping[str, Any]
+) -> tuple[dict[str, Any], int]:
+    """Remove the `total_ops`/`total_params` buffers thop leaves on modules (the DKDM authors' image_kd.py
+    profiles its student before training, so their checkpoints carry them); returns (state, count)."""
+    kept = {
+        k: v
+        for k, v in state.items()
+        if k in model_keys or k.rsplit(".", 1)[-1] not in _PROFILER_BUFFERS
+    }
+    return kept, len(state) - len(kept)
+
+
 def load_state_dict_strict(
     model: torch.nn.Module,
     state_dict: Mapping[str, Any],
@@ -212,9 +228,12 @@ def load_state_dict_strict(
     """Load `state_dict` into `model` strictly; on any key/shape difference raise
     `CheckpointMismatchError` listing the differences and the arch YAML(s) the checkpoint fits."""
     state, notes = unwrap_state_dict(state_dict, source)
+    model_shapes = _shapes(model.state_dict())
+    state, dropped = drop_profiler_buffers(state, model_shapes)
+    if dropped:
+        notes.append(f"{source}: dropped {dropped} thop counter buffers (total_ops/total_params)")
     for note in notes:
         logger.log(f"note: {note}")
-    model_shapes = _shapes(model.state_dict())
     missing, unexpected, misshaped = mismatch_report(model_shapes, _shapes(state))
     if missing or unexpected or misshaped:
         lines = [

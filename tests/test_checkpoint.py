@@ -174,6 +174,47 @@ def test_strict_load_reports_missing_unexpected_misshaped(tmp_path: Path) -> Non
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_student_profiled_by_thop_loads_with_its_counter_buffers_dropped(tmp_path: Path) -> None:
+    """The authors' image_kd.py runs thop.profile on the student, which leaves total_ops/total_params
+    buffers in its checkpoints; those keys (and only those) are dropped with one log line."""
+    import thop
+
+    from guided_diffusion.run_setup import load_model_weights
+
+    kwargs = model_and_diffusion_defaults()
+    kwargs.update(
+        image_size=16,
+        num_channels=32,
+        num_res_blocks=1,
+        attention_resolutions="8",
+        num_head_channels=16,
+        channel_mult="1,2",
+        learn_sigma=True,
+    )
+    names = inspect.signature(create_model).parameters
+    src = create_model(**{k: v for k, v in kwargs.items() if k in names})
+    clean = set(src.state_dict())
+    thop.profile(src, inputs=(torch.randn(1, 3, 16, 16), torch.tensor([3])), verbose=False)
+    profiled = src.state_dict()
+    extra = [k for k in profiled if k not in clean]
+    assert extra and all(k.rsplit(".", 1)[-1] in ("total_ops", "total_params") for k in extra)
+    path = tmp_path / "model010000.pt"
+    torch.save(profiled, path)
+    dst = create_model(**{k: v for k, v in kwargs.items() if k in names})
+    logger.configure(dir=str(tmp_path), format_strs=["log"])
+    try:
+        load_model_weights(dst, str(path))
+    finally:
+        logger.reset()
+    assert all(torch.equal(a, b) for a, b in zip(src.parameters(), dst.parameters(), strict=True))
+    lines = [ln for ln in (tmp_path / "log.txt").read_text().splitlines() if "thop counter" in ln]
+    assert lines == [f"note: {path}: dropped {len(extra)} thop counter buffers (total_ops/total_params)"]
+    profiled["out.2.scale"] = torch.ones(1)
+    torch.save(profiled, path)
+    with pytest.raises(CheckpointMismatchError, match="unexpected.*out.2.scale"):
+        load_model_weights(dst, str(path))
+
+
 def _meta_model(repo_root: Path, arch: str, learn_sigma: bool = True) -> torch.nn.Module:
     kwargs = model_and_diffusion_defaults()
     kwargs.update(OmegaConf.to_container(OmegaConf.load(repo_root / "yaml" / "arch" / f"{arch}.yaml")))
@@ -194,8 +235,10 @@ def test_mismatch_names_the_arch_the_checkpoint_fits(repo_root: Path, reference_
     assert "input_blocks.0.0.weight: checkpoint [128, 3, 3, 3] vs model [64, 3, 3, 3]" in msg
     assert "more)" in msg
     assert "fits arch 57M-CNN.yaml (learn_sigma=True)" in msg
-    no_sigma = {k: torch.empty(v.shape, device="meta") for k, v in _meta_model(repo_root, "24M-CNN", False)
-                .state_dict().items()}
+    no_sigma = {
+        k: torch.empty(v.shape, device="meta")
+        for k, v in _meta_model(repo_root, "24M-CNN", False).state_dict().items()
+    }
     assert suggest_arch(no_sigma) == ["24M-CNN.yaml (learn_sigma=False)"]
 
 
@@ -225,8 +268,11 @@ def _write_set(run: Path, step: int, skip: tuple[str, ...] = ()) -> list[str]:
     return [n for r, n in files.items() if r not in skip]
 
 
-_ROLES = dict(required=("model", "opt", "ema", "pool"), ema_rates=[0.9999],
-              extra_patterns={"pool": "teacher-state-{step:06d}.cache"})
+_ROLES = dict(
+    required=("model", "opt", "ema", "pool"),
+    ema_rates=[0.9999],
+    extra_patterns={"pool": "teacher-state-{step:06d}.cache"},
+)
 
 
 @pytest.fixture
@@ -264,8 +310,10 @@ def test_find_resume_set_trusts_valid_latest_and_falls_back(tmp_path: Path, log_
     run.mkdir()
     write_latest(run, 100, _write_set(run, 100))
     _write_set(run, 200)
-    assert json.loads((run / "latest").read_text()) == {"step": 100, "files": [
-        "model000100.pt", "opt000100.pt", "ema_0.9999_000100.pt", "teacher-state-000100.cache"]}
+    assert json.loads((run / "latest").read_text()) == {
+        "step": 100,
+        "files": ["model000100.pt", "opt000100.pt", "ema_0.9999_000100.pt", "teacher-state-000100.cache"],
+    }
     assert find_resume_set(run, **_ROLES).step == 100
     write_latest(run, 300, _write_set(run, 300, skip=("ema",)) + ["ema_0.9999_000300.pt"])
     assert find_resume_set(run, **_ROLES).step == 200
