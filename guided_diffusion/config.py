@@ -67,6 +67,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 TEACHER_DEFAULTS: dict[str, Any] = {
     "prob": 1.0,
+    "prob_per_item": False,  # ours: drop single items from the loss instead of the authors' whole batch
     "BATCH": 0.4,
     "input_perturb": 0.0,
     "batch_size": 1,

@@ -121,8 +121,10 @@ class DynamicBatch:
     """Per-rank pool of teacher states; ``draw()`` advances B of them one teacher step and returns the batch.
 
     A batch is a dict: ``x_t`` (student input), ``x_tm1`` (teacher's sampled x_{t-1}), ``t``, ``teacher_out``
-    (the teacher's ``p_mean_variance`` dict), ``weights`` (1 = kept, 0 = dropped by ``prob``) and
-    ``model_kwargs``. Random draws and noise come from the pool's own generators, saved in ``state_dict``.
+    (the teacher's ``p_mean_variance`` dict), ``weights`` (1 = kept, 0 = dropped by ``prob`` in the per-item
+    variant) and ``model_kwargs``. ``prob`` < 1 is the authors' random discard: one draw per batch, and a
+    discarded batch is neither trained on nor written back, its items advancing another step in place until a
+    draw keeps them; ``prob_per_item`` instead drops items from the loss while the pool advances as usual. Random draws and noise come from the pool's own generators, saved in ``state_dict``.
     ``precision`` ("fp32", "fp16", "bf16") is the teacher's autocast dtype on CUDA.
     """
 
@@ -137,6 +139,7 @@ class DynamicBatch:
         rho: float = 0.4,
         student_timesteps: int | None = None,
         prob: float = 1.0,
+        prob_per_item: bool = False,
         teacher_batch_size: int = 256,
         clip_denoised: bool = True,
         precision: str = "fp32",
@@ -154,6 +157,7 @@ class DynamicBatch:
         self.image_shape = tuple(int(s) for s in image_shape)
         self.iter_choice = iter_choice
         self.prob = float(prob)
+        self.prob_per_item = bool(prob_per_item)
         self.teacher_batch_size = int(teacher_batch_size)
         self.clip_denoised = bool(clip_denoised)
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -303,16 +307,18 @@ class DynamicBatch:
             idx = torch.randperm(self.size, generator=self.index_gen)[: self.batch_size]
         else:
             idx = torch.arange(self.size)
-        keep = torch.rand(self.batch_size, generator=self.index_gen) < self.prob
+        keep = torch.ones(self.batch_size)
+        if self.prob_per_item:
+            keep = (torch.rand(self.batch_size, generator=self.index_gen) < self.prob).float()
         k = self.total_t[idx]
-        done = (k == 0).numpy()
-        t = torch.where(k == 0, torch.full_like(k, self.T), k) - 1
         x = self.total_x[self._to(idx, self.pool_device)].to(self.device, non_blocking=True)
-        n_done = int(done.sum())
-        if n_done:
-            x[self._to(torch.from_numpy(done.nonzero()[0]), self.device)] = self._noise(n_done)
-        t_dev = self._to(t, self.device)
-        x_tm1, out = self.teacher_step(x, t_dev)
+        while True:
+            t, t_dev, x, x_tm1, out = self._advance(k, x)
+            if self.prob_per_item or self.prob >= 1.0:
+                break
+            if float(torch.rand((), generator=self.index_gen)) < self.prob:
+                break
+            k, x = t, x_tm1
         self.total_t[idx] = t
         self.total_x[self._to(idx, self.pool_device)] = x_tm1.to(self.pool_device)
         return {
@@ -320,9 +326,23 @@ class DynamicBatch:
             "x_tm1": x_tm1.clone(),
             "t": t_dev,
             "teacher_out": {name: value.clone() for name, value in out.items()},
-            "weights": self._to(keep.float(), self.device),
+            "weights": self._to(keep, self.device),
             "model_kwargs": {},
         }
+
+    def _advance(
+        self, k: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One teacher step of items at steps ``k`` (host) with states ``x`` (overwritten); finished items
+        (k = 0) restart from fresh noise at T. Returns (t on the host, t on the device, x_t, x_tm1, out)."""
+        done = (k == 0).numpy()
+        t = torch.where(k == 0, torch.full_like(k, self.T), k) - 1
+        n_done = int(done.sum())
+        if n_done:
+            x[self._to(torch.from_numpy(done.nonzero()[0]), self.device)] = self._noise(n_done)
+        t_dev = self._to(t, self.device)
+        x_tm1, out = self.teacher_step(x, t_dev)
+        return t, t_dev, x, x_tm1, out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:

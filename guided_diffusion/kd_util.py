@@ -267,6 +267,7 @@ def make_dynamic_batch(
         rho=teacher_section["BATCH"],
         student_timesteps=student_diffusion.num_timesteps,
         prob=teacher_section["prob"],
+        prob_per_item=teacher_section["prob_per_item"],
         teacher_batch_size=teacher_section["batch_size"],
         clip_denoised=teacher_section["clip_denoised"],
         precision=resolve_precision(teacher_section["precision"], teacher_section["use_fp16"]),

@@ -51,7 +51,9 @@ def teacher_and_diffusion():
     return CountingTeacher(model.eval()), diffusion
 
 
-def make_pool(teacher_and_diffusion, iter_choice=DYNAMIC, prob=1.0, seed=0, rank=0, world_size=1):
+def make_pool(
+    teacher_and_diffusion, iter_choice=DYNAMIC, prob=1.0, seed=0, rank=0, world_size=1, prob_per_item=False
+):
     teacher, diffusion = teacher_and_diffusion
     return DynamicBatch(
         teacher,
@@ -61,6 +63,7 @@ def make_pool(teacher_and_diffusion, iter_choice=DYNAMIC, prob=1.0, seed=0, rank
         iter_choice=iter_choice,
         rho=0.4,
         prob=prob,
+        prob_per_item=prob_per_item,
         teacher_batch_size=8,
         seed=seed,
         rank=rank,
@@ -185,8 +188,26 @@ def test_shuffled_mode_advances_the_whole_prepared_pool(teacher_and_diffusion):
     assert batch["t"].tolist() == (before - 1).tolist()
 
 
-def test_prob_masks_the_batch_but_advances_the_pool(teacher_and_diffusion, prepared_state):
-    pool = prepared_pool(teacher_and_diffusion, prepared_state, prob=0.5)
+def test_prob_discards_whole_batches_without_writing_them_back(teacher_and_diffusion):
+    """The authors' prob: one draw per batch; a discarded batch advances in place (another teacher step on
+    the same items) and only the kept step is trained on and written back to the pool."""
+    teacher, _ = teacher_and_diffusion
+    pool = make_pool(teacher_and_diffusion, iter_choice=ITERATIVE, prob=0.5)
+    pool.prepare(progress=False)
+    calls = []
+    for _ in range(12):
+        old_t = pool.total_t.clone()
+        teacher.images = 0
+        batch = pool.draw()
+        calls.append(teacher.images // B)
+        assert torch.equal(batch["weights"], torch.ones(B))
+        assert torch.equal(pool.total_t, (old_t - calls[-1]) % pool.T)
+        assert torch.equal(batch["t"], pool.total_t) and torch.equal(batch["x_tm1"], pool.total_x)
+    assert min(calls) == 1 and max(calls) > 1
+
+
+def test_prob_per_item_masks_the_batch_but_advances_the_pool(teacher_and_diffusion, prepared_state):
+    pool = prepared_pool(teacher_and_diffusion, prepared_state, prob=0.5, prob_per_item=True)
     kept = []
     for _ in range(10):
         old_t = pool.total_t.clone()
