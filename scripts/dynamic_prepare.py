@@ -8,10 +8,13 @@ rank 0 writes all of them to `teacher.tempfile` in the authors' cache layout.
 
 from __future__ import annotations
 
+import os
+
 from guided_diffusion import dist_util, logger
 from guided_diffusion.compile_util import FastPath, fast_frozen
 from guided_diffusion.config import build_arg_parser, model_and_diffusion_kwargs, parse_config_args
-from guided_diffusion.dynamic_batch import ITERATIVE
+from guided_diffusion.dynamic_batch import DYNAMIC, pool_size
+from guided_diffusion.dynamic_cache import CacheError, load_cache
 from guided_diffusion.kd_util import check_sections, check_tempfile, load_teacher, make_dynamic_batch
 from guided_diffusion.run_setup import add_run_arguments, start_run
 from guided_diffusion.script_util import create_gaussian_diffusion
@@ -29,6 +32,25 @@ def student_diffusion_of(section) -> object:
     )
 
 
+def existing_cache_refusal(path: str, need: int) -> str | None:
+    """Why an existing file at `path` must not be replaced by a pool of `need` items (None: replace it).
+
+    A cache of another size belongs to another config (e.g. the 51,200-item pool of rho 0.4); an unreadable
+    file may be a user's download in progress. Either way the user decides, not this script.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        have = load_cache(path)["total_t"].shape[0]
+    except CacheError as exc:
+        return f"{exc}; not replacing it: remove the file or set another teacher.tempfile"
+    if have != need:
+        return (f"{path} already holds a pool of {have} items and this config prepares {need}; not replacing "
+                "it: remove the file or set another teacher.tempfile")
+    logger.log(f"{path} holds a pool of the same size ({have} items); preparing it again")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the KD config, load the teacher strictly, prepare this rank's share and write the cache."""
     parser = build_arg_parser("Prepare the DKDM dynamic batch (teacher-state cache).", FLAGS)
@@ -37,14 +59,24 @@ def main(argv: list[str] | None = None) -> None:
     if "teacher" not in cfg:
         parser.exit(2, f"{parser.prog}: error: {args.config} is not a KD config (no teacher: section)\n")
     check_sections(cfg.teacher, cfg.student)
-    if cfg.teacher.iter_choice == ITERATIVE:
-        parser.exit(2, f"{parser.prog}: error: iterative_distillation starts from noise; no cache needed\n")
+    if cfg.teacher.iter_choice != DYNAMIC:
+        parser.exit(2, f"{parser.prog}: error: {args.config}: teacher.iter_choice is "
+                    f"{cfg.teacher.iter_choice}; only {DYNAMIC} prepares a cache (the shuffled mode reads "
+                    "the first batch of the dynamic cache, the iterative one starts from noise)\n")
     path = check_tempfile(cfg.teacher)
     start_run("prepare", cfg, args)
+    student_diffusion = student_diffusion_of(cfg.student)
+    need = dist_util.get_world_size() * pool_size(
+        DYNAMIC, cfg.teacher.BATCH, student_diffusion.num_timesteps,
+        cfg.student.batch_size // dist_util.get_world_size(),
+    )
+    refusal = existing_cache_refusal(path, need)
+    if refusal:
+        raise SystemExit(f"{parser.prog}: error: {refusal}")
     device = dist_util.dev()
     teacher, teacher_diffusion = load_teacher(cfg.teacher, device)
     pool = make_dynamic_batch(
-        cfg.teacher, cfg.student, teacher, teacher_diffusion, student_diffusion_of(cfg.student), device
+        cfg.teacher, cfg.student, teacher, teacher_diffusion, student_diffusion, device
     )
     pool.teacher = fast_frozen(teacher, FastPath.from_section(cfg.student), static_shapes=False,
                                name="teacher UNet")

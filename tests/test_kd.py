@@ -14,7 +14,7 @@ from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpo
 from guided_diffusion import logger
 from guided_diffusion.checkpoint import CheckpointMismatchError
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
-from guided_diffusion.dynamic_cache import load_cache
+from guided_diffusion.dynamic_cache import load_cache, save_cache
 from guided_diffusion.kd_util import (
     KDSetupError,
     KDTrainLoop,
@@ -162,6 +162,28 @@ def test_prepare_script_then_image_kd_resumes_exactly(kd_files, tmp_path):
     pb = load_cache(resumed / "teacher-state-000004.cache")
     np.testing.assert_array_equal(pa["total_t"], pb["total_t"])
     np.testing.assert_array_equal(pa["total_x_t_1"], pb["total_x_t_1"])
+
+
+def test_prepare_never_replaces_a_pool_of_another_size_or_mode(kd_files, tmp_path):
+    """A shuffled-mode config shares the dynamic pool's tempfile (it reads the pool's first batch), so
+    preparing it is refused as the authors' script does; a dynamic config of another rho is refused too."""
+    root, _ = kd_files
+    teacher = root / "teacher.pt"
+    pool = tmp_path / "shared.cache"
+    save_cache(pool, np.arange(32) % 19 + 1, np.zeros((32, 3, 16, 16), np.float32))
+    before = pool.read_bytes()
+    for name, overrides in (
+        ("shuffled", {"iter_choice": "shuffled_iterative_distillation"}),
+        ("rho", {"BATCH": 0.2}),
+    ):
+        config = write_kd_yaml(tmp_path / f"{name}.yaml", teacher, pool, teacher=overrides)
+        cmd = [PY, "scripts/dynamic_prepare.py", "--config", str(config), "--exp_dir", str(tmp_path / name)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+        assert proc.returncode != 0, name
+        message = proc.stderr.strip().splitlines()[-1]
+        expected = "only dynamic_iterative_distillation" if name == "shuffled" else "holds a pool of 32 items"
+        assert expected in message, proc.stderr[-2000:]
+        assert pool.read_bytes() == before, name
 
 
 DUMP_PARAMS = textwrap.dedent(
