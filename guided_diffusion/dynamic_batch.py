@@ -124,7 +124,8 @@ class DynamicBatch:
     (the teacher's ``p_mean_variance`` dict), ``weights`` (1 = kept, 0 = dropped by ``prob`` in the per-item
     variant) and ``model_kwargs``. ``prob`` < 1 is the authors' random discard: one draw per batch, and a
     discarded batch is neither trained on nor written back, its items advancing another step in place until a
-    draw keeps them; ``prob_per_item`` instead drops items from the loss while the pool advances as usual. Random draws and noise come from the pool's own generators, saved in ``state_dict``.
+    draw keeps them; ``prob_per_item`` instead drops items from the loss while the pool advances as usual.
+    Random draws and noise come from the pool's own generators, saved in ``state_dict``.
     ``precision`` ("fp32", "fp16", "bf16") is the teacher's autocast dtype on CUDA.
     """
 

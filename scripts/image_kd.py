@@ -1,11 +1,13 @@
 """DKDM: distill a pretrained teacher into a student of any architecture, data-free.
 
     mpiexec -n 1 python scripts/image_kd.py --config yaml/cifar10_32/exp/CIFAR10-57M-Dynamic-0.4.yaml \
-        [--resume_checkpoint RUN_DIR_OR_PT] [--exp_dir DIR] [--wandb [PROJECT]]
+        [--resume_checkpoint RUN_DIR_OR_PT [--resume_step N]] [--exp_dir DIR] [--wandb [PROJECT]]
 
 The teacher loads strictly from `teacher.model_path`; the student is built from the `student` section and
 optionally initialized (strictly) from `student.model_path`. The dynamic batch is prepared first when
 `teacher.tempfile` does not exist. Runs go to experiments/kd/<config stem>-<time> unless --exp_dir.
+`--resume_step N` is the authors' resume counter (it numbered their resumed run dirs); a resume here
+continues in the resumed run's own dir, so the counter is only logged.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_arg_parser("Data-free knowledge distillation of a diffusion model (DKDM).", FLAGS)
     add_run_arguments(parser)
     add_step_distill_arguments(parser)
+    parser.add_argument("--resume_step", type=int, default=0, help="the authors' resume counter (logged)")
     args, cfg = parse_config_args(parser, argv)
+    if args.resume_step < 0:
+        parser.exit(2, f"{parser.prog}: error: --resume_step must be >= 0, got {args.resume_step}\n")
     if "step_distill" in cfg:  # step (progressive) distillation / RDD: docs/RDD.md
         apply_stage_overrides(cfg, args.teacher_path, args.teacher_steps)
         run_step_distill(cfg, args)
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     check_sections(teacher_s, student_s)
     tempfile = check_tempfile(teacher_s)
     run_dir = start_run("kd", cfg, args)
+    if args.resume_step:
+        logger.log(f"resume {args.resume_step} of this config (--resume_step)")
     device = dist_util.dev()
     teacher, teacher_diffusion = load_teacher(teacher_s, device)
     student, student_diffusion = build_model_and_diffusion(student_s, device)

@@ -150,8 +150,9 @@ def test_prepare_script_then_image_kd_resumes_exactly(kd_files, tmp_path):
     for step in (2, 4):
         for name in (f"model{step:06d}.pt", f"opt{step:06d}.pt", f"teacher-state-{step:06d}.cache"):
             assert (full / name).is_file(), name
-    resume = ["--resume_checkpoint", str(full / "model000002.pt")]
+    resume = ["--resume_checkpoint", str(full / "model000002.pt"), "--resume_step", "1"]  # the authors' flags
     _run("scripts/image_kd.py", [*short, "--exp_dir", str(resumed), *resume])
+    assert "resume 1 of this config" in (resumed / "log.txt").read_text()
     a = torch.load(full / "model000004.pt", weights_only=True)
     b = torch.load(resumed / "model000004.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
