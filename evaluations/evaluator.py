@@ -20,7 +20,12 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from evaluations import metrics  # noqa: E402
-from evaluations.feature_extractors import INCEPTION_LIKE, FeatureExtractor, get_feature_extractor  # noqa: E402
+from evaluations.feature_extractors import (  # noqa: E402
+    INCEPTION_LIKE,
+    FeatureExtractor,
+    get_feature_extractor,
+    tf32_disabled,
+)
 from evaluations.npz_io import InputError, atomic_write, read_image_npz, read_npz_stats  # noqa: E402
 
 
@@ -60,17 +65,22 @@ def evaluate(
     extractor: FeatureExtractor,
     inception_like: bool = True,
 ) -> dict[str, float | None]:
-    """All metrics of the sample batch against the reference batch with one feature network (None: n/a)."""
+    """All metrics of the sample batch against the reference batch with one feature network (None: n/a).
+
+    Features are extracted with TF32 off. An extractor may bring ADM's own arithmetic for the Inception Score
+    (`class_probabilities`) and for precision/recall (`pairwise_sq_distances`); the TF graph backend does.
+    """
     print(f"computing reference batch activations {ref_path}...")
-    ref_feats = extractor.features(ref_images)
+    with tf32_disabled():
+        ref_feats = extractor.features(ref_images)
     ref_stats, ref_spatial = _statistics(ref_path, ref_feats, inception_like)
     print(f"computing sample batch activations {sample_path}...")
-    sample_feats = extractor.features(sample_images)
+    with tf32_disabled():
+        sample_feats = extractor.features(sample_images)
     sample_stats, sample_spatial = _statistics(sample_path, sample_feats, inception_like)
     print("Computing evaluations...")
-    logits = sample_feats.get("logits") if inception_like else None
     result: dict[str, float | None] = {
-        "inception_score": metrics.inception_score(logits, from_logits=True) if logits is not None else None,
+        "inception_score": _inception_score(extractor, sample_feats) if inception_like else None,
         "fid": metrics.frechet_distance(*sample_stats, *ref_stats),
         "sfid": (
             metrics.frechet_distance(*sample_spatial, *ref_spatial)
@@ -78,8 +88,20 @@ def evaluate(
             else None
         ),
     }
-    result["precision"], result["recall"] = metrics.precision_recall(ref_feats["pool"], sample_feats["pool"])
+    distances = getattr(extractor, "pairwise_sq_distances", metrics.pairwise_sq_distances)
+    result["precision"], result["recall"] = metrics.precision_recall(
+        ref_feats["pool"], sample_feats["pool"], distances=distances
+    )
     return result
+
+
+def _inception_score(extractor: FeatureExtractor, feats: dict[str, np.ndarray | None]) -> float | None:
+    """IS from the extractor's own class probabilities when it has them, else from its logits."""
+    probs = getattr(extractor, "class_probabilities", None)
+    if probs is not None:
+        return metrics.inception_score(probs(feats["pool"]), from_logits=False)
+    logits = feats.get("logits")
+    return metrics.inception_score(logits, from_logits=True) if logits is not None else None
 
 
 def _print_results(result: dict[str, float | None], spec: str) -> None:

@@ -8,7 +8,9 @@ the small digits CNN; any `module.path:factory` names a plug-in whose factory ta
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +29,18 @@ class FeatureExtractor(Protocol):
     def features(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
         """Return dict(pool, spatial, logits); spatial / logits may be None."""
         ...
+
+
+@contextlib.contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """Full float32 convolutions and matmuls while features are extracted: cuDNN's default TF32 moves the
+    Inception port's features about 1000x further from the TF graph than the port's own error."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def default_device() -> str:
@@ -63,10 +77,16 @@ class InceptionExtractor:
 
 
 class TFGraphExtractor:
-    """ADM's TensorFlow graph (`classify_image_graph_def.pb`): pool_3, mixed_6/conv[..., :7], logits.
+    """ADM's TensorFlow graph (`classify_image_graph_def.pb`) run as ADM's evaluator runs it.
 
-    TensorFlow is imported only here; this backend is not exercised by the tests (no TensorFlow on CI).
+    Features: pool_3 and mixed_6/conv[..., :7]. `class_probabilities` is ADM's softmax graph (pool features
+    times the graph's `softmax/logits` weights, softmax in float32, 512 rows per run) and
+    `pairwise_sq_distances` ADM's distance block (float16, falling back to float32 when a block overflows),
+    so Inception Score and precision/recall come out as ADM's. TensorFlow is imported only here
+    (`pip install -e .[tf]`).
     """
+
+    SOFTMAX_BATCH = 512
 
     def __init__(self, graph_path: str, batch_size: int = 64) -> None:
         import tensorflow.compat.v1 as tf
@@ -86,31 +106,58 @@ class TFGraphExtractor:
                 return_elements=["pool_3:0", "mixed_6/conv:0", "softmax/logits/MatMul"],
                 name="fid",
             )
-            for op in self.graph.get_operations():
-                for out in op.outputs:
-                    dims = out.get_shape().as_list() if out.get_shape().dims is not None else None
-                    if dims and dims[0] == 1:
-                        out.__dict__["_shape_val"] = tf.TensorShape([None, *dims[1:]])
-            flat_pool = tf.reshape(pool, [-1, 2048])
-            self.outputs = [flat_pool, spatial[..., :7], tf.matmul(flat_pool, matmul.inputs[1])]
+            _free_batch_dimension(self.graph, tf)
+            self.outputs = [tf.reshape(pool, [-1, 2048]), spatial[..., :7]]
+            self.pool_in = tf.placeholder(tf.float32, shape=[None, 2048])
+            self.probs = tf.nn.softmax(tf.matmul(self.pool_in, matmul.inputs[1]))
+            self.u, self.v = (tf.placeholder(tf.float32, shape=[None, None]) for _ in range(2))
+            half = _sq_distance_graph(tf, tf.cast(self.u, tf.float16), tf.cast(self.v, tf.float16))
+            self.distances = tf.cond(
+                tf.reduce_all(tf.math.is_finite(half)),
+                lambda: tf.cast(half, tf.float32),
+                lambda: _sq_distance_graph(tf, self.u, self.v),
+            )
         config = tf.ConfigProto(allow_soft_placement=True)
         config.gpu_options.allow_growth = True
         self.sess = tf.Session(graph=self.graph, config=config)
 
     def features(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
         """Run the graph over uint8 NHWC images in batches."""
-        pools, spatials, logits = [], [], []
+        pools, spatials = [], []
         for start in tqdm(range(0, len(images), self.batch_size), desc="tf-inception", leave=False):
             batch = images[start : start + self.batch_size].astype(np.float32)
-            pool, spatial, logit = self.sess.run(self.outputs, {self.images: batch})
+            pool, spatial = self.sess.run(self.outputs, {self.images: batch})
             pools.append(pool)
             spatials.append(spatial.reshape(len(batch), -1))
-            logits.append(logit)
-        return {
-            "pool": np.concatenate(pools),
-            "spatial": np.concatenate(spatials),
-            "logits": np.concatenate(logits),
-        }
+        return {"pool": np.concatenate(pools), "spatial": np.concatenate(spatials), "logits": None}
+
+    def class_probabilities(self, pool: np.ndarray) -> np.ndarray:
+        """ADM's softmax over the graph's 1008 classes, from pool features, in float32."""
+        parts = [
+            self.sess.run(self.probs, {self.pool_in: pool[i : i + self.SOFTMAX_BATCH]})
+            for i in range(0, len(pool), self.SOFTMAX_BATCH)
+        ]
+        return np.concatenate(parts)
+
+    def pairwise_sq_distances(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """ADM's distance block: squared distances computed in float16 (float32 when any overflows)."""
+        return self.sess.run(self.distances, {self.u: u, self.v: v})
+
+
+def _free_batch_dimension(graph, tf) -> None:
+    """The 2015 graph is built for one image: let every leading dimension of 1 take any batch size."""
+    for op in graph.get_operations():
+        for out in op.outputs:
+            dims = out.get_shape().as_list() if out.get_shape().dims is not None else None
+            if dims and dims[0] == 1:
+                out.__dict__["_shape_val"] = tf.TensorShape([None, *dims[1:]])
+
+
+def _sq_distance_graph(tf, u, v):
+    """|u|^2 - 2 u.v + |v|^2 per pair, clipped at zero, in the dtype of u and v."""
+    norm_u = tf.reshape(tf.reduce_sum(tf.square(u), 1), [-1, 1])
+    norm_v = tf.reshape(tf.reduce_sum(tf.square(v), 1), [1, -1])
+    return tf.maximum(norm_u - 2 * tf.matmul(u, v, transpose_b=True) + norm_v, 0.0)
 
 
 def _load_plugin(spec: str, device: str | torch.device, weights_path: str | None) -> FeatureExtractor:

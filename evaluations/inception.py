@@ -8,6 +8,7 @@ stage reproduces the graph: uint8 values as float, TF's legacy bilinear resize t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_SIZE = 95628359
+WEIGHTS_SHA256_PREFIX = "6726825d"  # the hash prefix in the file name, as torch.hub names weights files
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 WEIGHTS_ENV = "GD_INCEPTION_WEIGHTS"
 INPUT_SIZE = 299
@@ -220,6 +221,15 @@ def resolve_inception_path(path: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "guided_diffusion" / WEIGHTS_NAME
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_inception(
     path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> InceptionV3FID:
@@ -227,13 +237,15 @@ def load_inception(
     file = resolve_inception_path(path)
     if not file.is_file():
         raise FileNotFoundError(
-            f"Inception weights not found: {file} (expected {WEIGHTS_NAME}, {WEIGHTS_SIZE} bytes, from the "
-            f"pytorch-fid GitHub releases: {WEIGHTS_URL}); pass --inception_path or set {WEIGHTS_ENV}"
+            f"Inception weights not found: {file} (expected {WEIGHTS_NAME}, "
+            f"SHA-256 {WEIGHTS_SHA256_PREFIX}..., from the pytorch-fid GitHub releases: {WEIGHTS_URL}); "
+            f"pass --inception_path or set {WEIGHTS_ENV}"
         )
-    if file.stat().st_size != WEIGHTS_SIZE:
+    digest = sha256_of(file)
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
         warnings.warn(
-            f"{file} is not the published FID weights file ({WEIGHTS_SIZE} bytes); scores are not comparable "
-            "with published numbers",
+            f"{file} is not the published FID weights file (SHA-256 {digest[:8]}..., expected "
+            f"{WEIGHTS_SHA256_PREFIX}...); scores are not comparable with published numbers",
             stacklevel=2,
         )
     try:

@@ -9,7 +9,7 @@ and k-NN manifolds with squared distances.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import linalg
@@ -56,8 +56,8 @@ def frechet_distance(
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, shifted by the row max for stability."""
-    z = np.asarray(logits, dtype=np.float64)
+    """Row-wise softmax in float32 (the precision ADM's graph computes it in), shifted by the row max."""
+    z = np.asarray(logits, dtype=np.float32)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -72,6 +72,8 @@ def inception_score(
 ) -> float:
     """Inception Score: mean over consecutive chunks of `split_size` rows of exp(E[KL(p(y|x) || p(y))]).
 
+    Computed in float32 throughout, as the ADM evaluator does (its softmax is a float32 graph op and the
+    KL, means and exp are numpy float32); a class probability of exactly 0 contributes 0 rather than NaN.
     `from_logits=None` treats rows that are non-negative and sum to one as probabilities, else as logits.
     """
     x = np.asarray(logits_or_probs)
@@ -81,15 +83,18 @@ def inception_score(
         raise ValueError(f"split_size must be positive; got {split_size}")
     if from_logits is None:
         from_logits = not _looks_like_probs(x)
-    preds = softmax(x) if from_logits else x.astype(np.float64)
+    preds = softmax(x) if from_logits else x.astype(np.float32, copy=False)
     scores = []
     for start in range(0, len(preds), split_size):
         part = preds[start : start + split_size]
-        marginal = np.mean(part, axis=0, keepdims=True)
+        marginal = np.expand_dims(np.mean(part, 0), 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
-        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+            kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), np.float32(0))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
     return float(np.mean(scores))
+
+
+DistanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def pairwise_sq_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -105,6 +110,8 @@ class ManifoldEstimator:
     """k-NN hypersphere manifolds of feature sets (Kynkaenniemi et al. 2019), computed in row/column blocks.
 
     Radii are squared distances to the k-th nearest neighbour (the point itself counts as the 0-th).
+    `distances(u, v)` gives a float32 block of squared distances: float32 arithmetic by default; ADM's
+    TensorFlow backend passes its float16 block (`TFGraphExtractor.pairwise_sq_distances`).
     """
 
     def __init__(
@@ -114,6 +121,7 @@ class ManifoldEstimator:
         nhood_sizes: Sequence[int] = (3,),
         clamp_to_percentile: float | None = None,
         eps: float = 1e-5,
+        distances: DistanceFn = pairwise_sq_distances,
     ) -> None:
         if row_batch_size < 1 or col_batch_size < 1:
             raise ValueError(f"batch sizes must be positive; got {row_batch_size}, {col_batch_size}")
@@ -122,12 +130,13 @@ class ManifoldEstimator:
         self.nhood_sizes = list(nhood_sizes)
         self.clamp_to_percentile = clamp_to_percentile
         self.eps = eps
+        self.distances = distances
 
     def _distance_rows(self, rows: np.ndarray, feats: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), len(feats)), dtype=np.float32)
         for begin in range(0, len(feats), self.col_batch_size):
             end = min(begin + self.col_batch_size, len(feats))
-            out[:, begin:end] = pairwise_sq_distances(rows, feats[begin:end])
+            out[:, begin:end] = self.distances(rows, feats[begin:end])
         return out
 
     def manifold_radii(self, features: np.ndarray) -> np.ndarray:
@@ -160,7 +169,7 @@ class ManifoldEstimator:
             e1 = min(b1 + self.row_batch_size, len(features_1))
             for b2 in range(0, len(features_2), self.col_batch_size):
                 e2 = min(b2 + self.col_batch_size, len(features_2))
-                dist = pairwise_sq_distances(features_1[b1:e1], features_2[b2:e2])[..., None]
+                dist = self.distances(features_1[b1:e1], features_2[b2:e2])[..., None]
                 status_1[b1:e1] |= np.any(dist <= radii_2[None, b2:e2], axis=1)
                 status_2[b2:e2] |= np.any(dist <= radii_1[b1:e1, None], axis=0)
         return status_2.mean(axis=0, dtype=np.float64), status_1.mean(axis=0, dtype=np.float64)
@@ -183,9 +192,12 @@ def precision_recall(
     k: int = 3,
     row_batch_size: int = 10000,
     col_batch_size: int = 10000,
+    distances: DistanceFn = pairwise_sq_distances,
 ) -> tuple[float, float]:
     """Improved precision and recall of samples against references with k-NN manifolds (ADM's defaults)."""
-    est = ManifoldEstimator(row_batch_size=row_batch_size, col_batch_size=col_batch_size, nhood_sizes=(k,))
+    est = ManifoldEstimator(
+        row_batch_size=row_batch_size, col_batch_size=col_batch_size, nhood_sizes=(k,), distances=distances
+    )
     radii_ref = est.manifold_radii(ref_feats)
     radii_sample = est.manifold_radii(sample_feats)
     precision, recall = est.evaluate_pr(ref_feats, radii_ref, sample_feats, radii_sample)

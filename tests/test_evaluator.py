@@ -64,9 +64,22 @@ def test_inception_score_equals_direct_computation():
     for chunk in (probs[:4], probs[4:8], probs[8:]):
         py = chunk.mean(axis=0)
         expected.append(np.exp(np.mean([np.sum(p * np.log(p / py)) for p in chunk])))
-    assert metrics.inception_score(logits, split_size=4) == pytest.approx(np.mean(expected), rel=1e-10)
-    assert metrics.inception_score(probs, split_size=4) == pytest.approx(np.mean(expected), rel=1e-10)
+    assert metrics.inception_score(logits, split_size=4) == pytest.approx(np.mean(expected), rel=1e-6)
+    assert metrics.inception_score(probs, split_size=4) == pytest.approx(np.mean(expected), rel=1e-6)
     assert metrics.inception_score(np.tile(logits[:1], (6, 1))) == pytest.approx(1.0)
+
+
+def test_inception_score_is_float32_as_adm():
+    """ADM takes float32 softmax outputs and keeps numpy's float32 through the KL, the means and the exp."""
+    probs = sp_softmax(np.random.default_rng(5).normal(size=(300, 1008)) * 4, axis=1).astype(np.float32)
+    scores = []
+    for chunk in (probs[:128], probs[128:256], probs[256:]):
+        kl = chunk * (np.log(chunk) - np.log(np.expand_dims(np.mean(chunk, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    assert scores[0].dtype == np.float32
+    assert metrics.inception_score(probs, split_size=128) == float(np.mean(scores))
+    in64 = metrics.inception_score(probs.astype(np.float64), split_size=128)
+    assert in64 == float(np.mean(scores))  # float64 input is computed in float32 too
 
 
 def _brute_pr(ref, sample, k):
@@ -156,9 +169,42 @@ def test_inception_features_shapes_and_spatial_tap(weights_file):
     assert pool.std(0).mean() > 0
 
 
-def test_missing_weights_names_file_size_and_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"95628359 bytes.*pytorch-fid"):
+def test_missing_weights_names_file_hash_and_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"SHA-256 6726825d\.\.\., from the pytorch-fid"):
         load_inception(tmp_path / "absent.pth")
+
+
+def test_weights_are_verified_by_hash_not_size(weights_file, monkeypatch, recwarn):
+    """A file of any size whose SHA-256 starts with the published prefix is accepted silently."""
+    import evaluations.inception as inception
+
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", _digest(weights_file)[:8])
+    load_inception(weights_file)
+    assert not [w for w in recwarn if "not the published" in str(w.message)]
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", "6726825d")
+    with pytest.warns(UserWarning, match=r"SHA-256 [0-9a-f]{8}\.\.\., expected 6726825d"):
+        load_inception(weights_file)
+
+
+class _FlagRecorder:
+    """A feature network that records whether TF32 was allowed while it ran."""
+
+    def __init__(self):
+        self.seen = []
+
+    def features(self, images):
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        flat = images.reshape(len(images), -1)[:, :6].astype(np.float64)
+        return {"pool": flat, "spatial": None, "logits": None}
+
+
+def test_features_are_extracted_with_tf32_off(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    images = np.random.default_rng(0).integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+    recorder = _FlagRecorder()
+    evaluator.evaluate("ref", images, "sample", images[::-1].copy(), recorder, inception_like=False)
+    assert recorder.seen == [(False, False), (False, False)]
+    assert torch.backends.cudnn.allow_tf32 is True
 
 
 def _npz(path, arr, **extra):
@@ -235,7 +281,7 @@ def test_missing_weights_exit_code_and_json_guard(tmp_path, capsys):
     arr = np.zeros((4, 8, 8, 3), np.uint8)
     ref, sample = _npz(tmp_path / "r.npz", arr), _npz(tmp_path / "s.npz", arr)
     assert evaluator.main([ref, sample, "--inception_path", str(tmp_path / "none.pth")]) == 2
-    assert "95628359" in capsys.readouterr().err
+    assert "6726825d" in capsys.readouterr().err
     assert evaluator.main([ref, sample, "--json", ref]) == 2
     assert "overwrite" in capsys.readouterr().err
 
