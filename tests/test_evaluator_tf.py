@@ -2,146 +2,72 @@
 
 The graph stands in for `classify_image_graph_def.pb` (which cannot be downloaded here): random weights, the
 same input (`ExpandDims:0`, one image, uint8 values as float) and outputs (`pool_3:0` of 2048 features,
-`mixed_6/conv:0`, `softmax/logits/MatMul`). The expected lines come from ADM's code path restated below:
-features in batches of 64, IS from a float32 softmax graph in numpy float32, FID from mean/cov/sqrtm, and
-precision/recall from float16 distance blocks (float32 when a block overflows) with k = 3 radii.
+`mixed_6/conv:0`, `softmax/logits/MatMul`). The expected lines come from ADM's code path restated in
+tests/tf_adm_oracle.py: features in batches of 64, IS from a float32 softmax graph in numpy float32, FID from
+mean/cov/sqrtm, and precision/recall from float16 distance blocks (float32 when a block overflows) with k = 3
+radii. TensorFlow runs in child processes only: with torch's inductor in the same process it can crash.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow.compat.v1 as tf  # the tf extra (pip install -e .[tf]); tools/install.sh installs it
-from scipy import linalg
 
-from evaluations import evaluator, metrics
-from evaluations.feature_extractors import TFGraphExtractor
-
-tf.disable_v2_behavior()
-
+ROOT = Path(__file__).resolve().parents[1]
+ORACLE = str(ROOT / "tests" / "tf_adm_oracle.py")
 LINES = ("Inception Score:", "FID:", "sFID:", "Precision:", "Recall:")
 
 
-def _build_graph(path: Path, seed: int = 0, size: int = 24, scale: float = 1.0) -> None:
-    """A tiny Inception stand-in; its pool features have norms near 100 * scale."""
-    rng = np.random.default_rng(seed)
-
-    def const(scale: float, *shape: int):
-        return tf.constant(rng.normal(0, scale, shape).astype(np.float32))
-
-    graph = tf.Graph()
-    with graph.as_default():
-        decoded = tf.placeholder(tf.float32, [None, None, 3], name="DecodeJpeg")
-        x = tf.image.resize_bilinear(tf.expand_dims(decoded, 0, name="ExpandDims"), [size, size])
-        x = tf.nn.relu(tf.nn.conv2d((x - 128.0) / 128.0, const(0.5, 3, 3, 3, 16), [1, 2, 2, 1], "SAME"))
-        with tf.name_scope("mixed_6"):
-            spatial = tf.nn.relu(tf.nn.conv2d(x, const(0.3, 3, 3, 16, 8), [1, 1, 1, 1], "SAME"), name="conv")
-        wide = tf.nn.relu(tf.nn.conv2d(spatial, const(scale, 1, 1, 8, 2048), [1, 1, 1, 1], "SAME"))
-        pool = tf.nn.avg_pool(wide, [1, size // 2, size // 2, 1], [1, 1, 1, 1], "VALID", name="pool_3")
-        with tf.name_scope("softmax/logits"):
-            tf.matmul(tf.reshape(pool, [1, 2048]), const(0.05, 2048, 1008), name="MatMul")
-    path.write_bytes(graph.as_graph_def().SerializeToString())
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
-def _adm_lines(graph_path: Path, ref: np.ndarray, sample: np.ndarray) -> list[str]:
-    """ADM's evaluator, step by step, in a session of its own."""
-    graph_def = tf.GraphDef()
-    graph_def.ParseFromString(graph_path.read_bytes())
-    with tf.Graph().as_default() as graph, tf.Session(graph=graph) as sess:
-        images = tf.placeholder(tf.float32, [None, None, None, 3])
-        pool, spatial = tf.import_graph_def(
-            graph_def, input_map={"ExpandDims:0": images}, return_elements=["pool_3:0", "mixed_6/conv:0"]
-        )
-        for op in graph.get_operations():
-            for out in op.outputs:
-                dims = out.get_shape().as_list() if out.get_shape().dims is not None else None
-                if dims and dims[0] == 1:
-                    out.__dict__["_shape_val"] = tf.TensorShape([None, *dims[1:]])
-        spatial = spatial[..., :7]
-        acts_in = tf.placeholder(tf.float32, [None, 2048])
-        (matmul,) = tf.import_graph_def(graph_def, return_elements=["softmax/logits/MatMul"], name="sm")
-        softmax = tf.nn.softmax(tf.matmul(acts_in, matmul.inputs[1]))
-        u, v = tf.placeholder(tf.float32, [None, None]), tf.placeholder(tf.float32, [None, None])
-
-        def sq(a, b):
-            na, nb = tf.reshape(tf.reduce_sum(tf.square(a), 1), [-1, 1]), tf.reduce_sum(tf.square(b), 1)
-            return tf.maximum(na - 2 * tf.matmul(a, b, False, True) + tf.reshape(nb, [1, -1]), 0.0)
-
-        half = sq(tf.cast(u, tf.float16), tf.cast(v, tf.float16))
-        dist = tf.cond(
-            tf.reduce_all(tf.math.is_finite(half)), lambda: tf.cast(half, tf.float32), lambda: sq(u, v)
-        )
-
-        def activations(batch):
-            runs = [
-                sess.run([pool, spatial], {images: batch[i : i + 64].astype(np.float32)})
-                for i in range(0, len(batch), 64)
-            ]
-            return [np.concatenate([r[j].reshape(len(r[j]), -1) for r in runs]) for j in (0, 1)]
-
-        (ref_pool, ref_sp), (s_pool, s_sp) = activations(ref), activations(sample)
-        preds = np.concatenate(
-            [sess.run(softmax, {acts_in: s_pool[i : i + 512]}) for i in range(0, len(s_pool), 512)]
-        )
-        kl = preds * (np.log(preds) - np.log(np.expand_dims(np.mean(preds, 0), 0)))
-        inception = float(np.mean([np.exp(np.mean(np.sum(kl, 1)))]))
-
-        def fid(a, b):
-            mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-            covmean = linalg.sqrtm(s1.dot(s2)).real
-            return (mu1 - mu2).dot(mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
-
-        def radii(feats):
-            return np.partition(sess.run(dist, {u: feats, v: feats}), [0, 1, 2, 3], axis=1)[:, 3]
-
-        d_rs = sess.run(dist, {u: ref_pool, v: s_pool})
-        precision = float(np.mean(np.any(d_rs <= radii(ref_pool)[:, None], axis=0).astype(np.float64)))
-        recall = float(np.mean(np.any(d_rs <= radii(s_pool)[None, :], axis=1).astype(np.float64)))
-    values = (inception, fid(s_pool, ref_pool), fid(s_sp, ref_sp), precision, recall)
-    return [f"{label} {value}" for label, value in zip(LINES, values, strict=True)]
+def _images(n_ref: int, n_sample: int, root: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 256, (n_ref, 32, 32, 3), dtype=np.uint8)
+    sample = np.clip(rng.integers(0, 256, (n_sample, 32, 32, 3)) + 8, 0, 255).astype(np.uint8)
+    paths = root / f"ref{n_ref}.npz", root / f"sample{n_sample}.npz"
+    np.savez(paths[0], ref)
+    np.savez(paths[1], sample)
+    return paths
 
 
 @pytest.fixture(scope="module")
-def tf_case(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tfgraph")
-    graph = root / "classify_image_graph_def.pb"
-    _build_graph(graph)
-    rng = np.random.default_rng(1)
-    ref = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
-    sample = np.clip(rng.integers(0, 256, (250, 32, 32, 3)) + 8, 0, 255).astype(np.uint8)
-    np.savez(root / "ref.npz", ref)
-    np.savez(root / "sample.npz", sample)
-    return root, graph, ref, sample
+def graph(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tfgraph") / "classify_image_graph_def.pb"
+    _run(ORACLE, "build", str(path))
+    return path
 
 
-def test_tf_backend_prints_adm_lines(tf_case, capsys):
-    root, graph, ref, sample = tf_case
-    args = [str(root / "ref.npz"), str(root / "sample.npz"), "--features", "tf", "--tf_graph", str(graph)]
-    assert evaluator.main(args) == 0
-    ours = [line for line in capsys.readouterr().out.splitlines() if line.startswith(LINES)]
-    expected = _adm_lines(graph, ref, sample)
-    assert ours == expected
+def test_tf_backend_prints_adm_lines(graph):
+    ref, sample = _images(300, 250, graph.parent)
+    out = _run(
+        "evaluations/evaluator.py", str(ref), str(sample), "--features", "tf", "--tf_graph", str(graph)
+    )
+    ours = [line for line in out.splitlines() if line.startswith(LINES)]
+    expected = _run(ORACLE, "adm", str(graph), str(ref), str(sample)).splitlines()
+    assert len(expected) == 5 and ours == expected
     precision, recall = (float(line.split()[-1]) for line in expected[3:])
     assert 0.1 < precision < 0.95 and 0.1 < recall < 0.95
 
 
 @pytest.mark.parametrize("scale", [0.25, 1.0])
-def test_float32_distances_would_move_precision_and_recall(tf_case, scale, capsys):
+def test_float32_distances_would_move_precision_and_recall(graph, scale):
     """The float16 blocks are what ADM measures; float32 distances (the PyTorch path) give other P/R. Prints
     the figures docs/EVALUATION.md quotes (`pytest tests/test_evaluator_tf.py -k float32 -s`)."""
-    root = tf_case[0]
-    graph = root / f"scaled{scale}.pb"
-    _build_graph(graph, scale=scale)
-    rng = np.random.default_rng(1)
-    ref = rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)
-    sample = np.clip(rng.integers(0, 256, (1000, 32, 32, 3)) + 8, 0, 255).astype(np.uint8)
-    extractor = TFGraphExtractor(str(graph))
-    ref_pool, sample_pool = extractor.features(ref)["pool"], extractor.features(sample)["pool"]
-    adm = metrics.precision_recall(ref_pool, sample_pool, distances=extractor.pairwise_sq_distances)
-    full = metrics.precision_recall(ref_pool, sample_pool)
-    with capsys.disabled():
-        norm = np.linalg.norm(ref_pool, axis=1).mean()
-        print(f"\nfeature norm {norm:.1f}: precision/recall float16 (ADM) {adm}, float32 {full}")
-    assert adm != full
+    scaled = graph.parent / f"scaled{scale}.pb"
+    _run(ORACLE, "build", str(scaled), str(scale))
+    ref, sample = _images(1000, 1000, graph.parent)
+    gap = json.loads(_run(ORACLE, "gap", str(scaled), str(ref), str(sample)))
+    print(
+        f"\nfeature norm {gap['norm']:.1f}: precision/recall float16 (ADM) {gap['float16']}, "
+        f"float32 {gap['float32']}"
+    )
+    assert gap["float16"] != gap["float32"]
