@@ -70,6 +70,7 @@ TEACHER_DEFAULTS: dict[str, Any] = {
     "prob_per_item": False,  # ours: drop single items from the loss instead of the authors' whole batch
     "BATCH": 0.4,
     "input_perturb": 0.0,
+    "student_clip_denoised": False,  # the authors' KDTrainLoop flag: clamp the student's x0 in the vb term
     "batch_size": 1,
     "model_path": "",
     "iter_choice": "dynamic_iterative_distillation",

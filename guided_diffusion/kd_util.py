@@ -75,7 +75,9 @@ class KDTrainLoop(TrainLoop):
 
     `batch_size` (per rank) must equal the pool's batch size; `tempfile` is the pool's start cache (prepared
     there if absent). `cache_save_interval` > 0 also writes the pool every that many steps between
-    checkpoints. Remaining keyword arguments go to `TrainLoop`.
+    checkpoints. `student_clip_denoised` clamps the student's x0 in the vb term as the teacher's step does
+    (the authors' flag, off by default as in their loop; docs/DKDM.md). Remaining keyword arguments go to
+    `TrainLoop`.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class KDTrainLoop(TrainLoop):
         dynamic_batch: DynamicBatch,
         tempfile: str = "",
         input_perturb: float = 0.0,
+        student_clip_denoised: bool = False,
         cache_save_interval: int = -1,
         extra_losses: Mapping[str, ExtraLoss] | None = None,
         **kwargs: Any,
@@ -101,6 +104,7 @@ class KDTrainLoop(TrainLoop):
         self.teacher_diffusion = teacher_diffusion
         self.dynamic_batch = dynamic_batch
         self.input_perturb = float(input_perturb)
+        self.student_clip_denoised = bool(student_clip_denoised)
         self.cache_save_interval = int(cache_save_interval)
         self.extra_losses: dict[str, ExtraLoss] = dict(extra_losses or {})
         self._probe: _StudentProbe | None = None
@@ -137,7 +141,8 @@ class KDTrainLoop(TrainLoop):
         self._probe = _StudentProbe(self.ddp_model, needs_features)
         losses = self.diffusion.training_losses_kd(
             self._probe, kd["x_tm1"], kd["x_t"], kd["t"], kd["teacher_out"],
-            model_kwargs=kd["model_kwargs"], input_perturb=self.input_perturb,
+            model_kwargs=kd["model_kwargs"], clip_denoised=self.student_clip_denoised,
+            input_perturb=self.input_perturb,
         )
         weights = kd["weights"]
         total = losses["loss"] * weights

@@ -346,12 +346,13 @@ class TCCDLoss(nn.Module):
         teacher_query: TeacherQuery | None,
         step: int,
         clip_denoised: bool = True,
+        student_clip_denoised: bool = False,
         **kd_kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """Terms for one (micro)batch as `DynamicBatch.draw` gives it (x_t, t, teacher_out, weights,
         model_kwargs). `loss` is the scalar to backpropagate; the rest are detached for logging.
-        `clip_denoised` applies to the student's own step; `kd_kwargs` (e.g. input_perturb) go to
-        `training_losses_kd`."""
+        `clip_denoised` applies to the student's own step, `student_clip_denoised` to the student's x0 in the
+        vb term; `kd_kwargs` (e.g. input_perturb) go to `training_losses_kd`."""
         x_t, t, teacher_out = batch["x_t"], batch["t"], batch["teacher_out"]
         n = x_t.shape[0]
         weights = batch.get("weights")
@@ -382,6 +383,7 @@ class TCCDLoss(nn.Module):
             t=torch.cat(ts),
             out={k: torch.cat([o[k] for o in outs]) for k in _KD_KEYS},
             model_kwargs={k: torch.cat([p[k] for p in kwargs_parts]) for k in model_kwargs},
+            clip_denoised=student_clip_denoised,
             **kd_kwargs,
         )
         kd = terms["loss"][:n]

@@ -58,6 +58,7 @@ class TCCDTrainLoop(KDTrainLoop):
         out = self.tccd(
             self.ddp_model, self.diffusion, kd, self.teacher_query, self.step,
             clip_denoised=self.dynamic_batch.clip_denoised, input_perturb=self.input_perturb,
+            student_clip_denoised=self.student_clip_denoised,
         )
         terms: dict[str, torch.Tensor] = {"loss": out["kd"]}
         for key in ("mse", "vb"):

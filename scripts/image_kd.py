@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     loop_class(
         teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, tempfile=tempfile,
         **({"extra_losses": {"relational": relational}} if relational is not None else {}),
-        input_perturb=teacher_s.input_perturb, cache_save_interval=student_s.cache_save_interval,
+        input_perturb=teacher_s.input_perturb, student_clip_denoised=teacher_s.student_clip_denoised,
+        cache_save_interval=student_s.cache_save_interval,
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size,
         **loop_kwargs(student_s, student_diffusion, run_dir), **method_kwargs,
     ).run_loop()

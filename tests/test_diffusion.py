@@ -374,6 +374,22 @@ def test_kd_kl_direction_decoder_option_and_rescaling():
         )
 
 
+def test_kd_vb_explodes_at_the_noisiest_step_unless_the_student_x0_is_clamped_too():
+    """Why vb reaches 1e3+ bits in DKDM: the teacher's step clamps its x0, the authors' vb term computes the
+    student's mean from an unclamped x0, and at t = T-1 (alphabar ~ 0) clamping moves x0 by orders of
+    magnitude. Even a student equal to the teacher then pays a large vb there; `clip_denoised` removes it."""
+    diffusion = _diffusion(20)
+    x_t = torch.randn(4, 3, 4, 4)
+    net = ConstModel(torch.cat([0.3 * torch.randn(4, 3, 4, 4), torch.zeros(4, 3, 4, 4)], dim=1))
+    for step, noisy in ((19, True), (10, False)):
+        t = torch.full((4,), step)
+        teacher = diffusion.p_mean_variance(net, x_t, t, clip_denoised=True)
+        authors = diffusion.training_losses_kd(net, None, x_t, t, teacher)["vb"].detach()
+        clamped = diffusion.training_losses_kd(net, None, x_t, t, teacher, clip_denoised=True)["vb"].detach()
+        assert torch.all(clamped.abs() < 1e-5)
+        assert bool(torch.all(authors > 1.0)) == noisy
+
+
 def test_kd_input_perturb_shifts_the_student_input():
     diffusion = _diffusion(20, "10")
     x_t = torch.randn(2, 3, 4, 4)

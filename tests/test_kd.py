@@ -89,21 +89,41 @@ class ScaledEps(torch.nn.Module):
         return {"loss": self.w * per_item, "raw": per_item}
 
 
-def _loop(cfg, tmp_path, prob=1.0, extra=None):
+def _loop(cfg, tmp_path, prob=1.0, extra=None, **loop_kwargs):
     logger.configure(str(tmp_path / "run"), format_strs=[])
     device = torch.device("cpu")
     teacher, teacher_diffusion = load_teacher(cfg.teacher, device)
     torch.manual_seed(1)
     student, student_diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(cfg.student))
-    section = OmegaConf.merge(cfg.teacher, {"prob": prob, "iter_choice": "shuffled_iterative_distillation"})
+    section = OmegaConf.merge(
+        cfg.teacher, {"prob": prob, "prob_per_item": True, "iter_choice": "shuffled_iterative_distillation"}
+    )
     pool = make_dynamic_batch(section, cfg.student, teacher, teacher_diffusion, student_diffusion, device)
     pool.prepare(progress=False)
     return KDTrainLoop(
         teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, extra_losses=extra,
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size, microbatch=-1, lr=1e-3,
         ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="",
-        run_dir=str(tmp_path / "run"),
+        run_dir=str(tmp_path / "run"), **loop_kwargs,
     )
+
+
+def test_student_clip_denoised_reaches_the_kd_objective(kd_files, tmp_path, monkeypatch):
+    """teacher.student_clip_denoised (the authors' KDTrainLoop flag) clamps the student's x0 in vb."""
+    _, config = kd_files
+    seen = []
+    for flag in (False, True):
+        loop = _loop(load_config(config), tmp_path / str(flag), student_clip_denoised=flag)
+        original = loop.diffusion.training_losses_kd
+
+        def spy(*args, original=original, **kwargs):
+            seen.append(kwargs["clip_denoised"])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(loop.diffusion, "training_losses_kd", spy)
+        loop.compute_losses(*loop.next_batch())
+    assert seen == [False, True]
+    assert load_config(config).teacher.student_clip_denoised is False  # the authors' default
 
 
 def test_masked_loss_is_mean_over_kept_items_and_extra_losses_train(kd_files, tmp_path):
