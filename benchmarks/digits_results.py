@@ -38,18 +38,18 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.plot_results import plot_fid_over_steps  # noqa: E402
+from evaluations import metrics  # noqa: E402
 from guided_diffusion.checkpoint import atomic_write_bytes, parse_step  # noqa: E402
 from guided_diffusion.config import ConfigError, load_config, primary_section  # noqa: E402
-from guided_diffusion.digits_demo import score  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
 from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
 
 ALL_METHODS = ("reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd")
-TEACHER_YAML = "yaml/digits_32/teacher.yaml"
-TEACHER_ARCH = "yaml/digits_32/arch/teacher.yaml"
-DIFFUSION_YAML = "yaml/digits_32/diffusion.yaml"
-TEACHER_CKPT = "model/digits32_teacher.pt"
-RDD_CONFIG_DIR = "yaml/digits_32/exp/rdd"
+TEACHER_YAML = "yaml/digits_16/teacher.yaml"
+TEACHER_ARCH = "yaml/digits_16/arch/teacher.yaml"
+DIFFUSION_YAML = "yaml/digits_16/diffusion.yaml"
+TEACHER_CKPT = "model/digits16_teacher.pt"
+RDD_CONFIG_DIR = "yaml/digits_16/exp/rdd"
 EMA_CHOICES = (0.9999, 0.999, 0.995, 0.99, 0.9)
 # settings that must agree across calls writing into the same DIR (rows are compared with each other)
 SHARED_SETTINGS = ("steps", "num_samples", "seed", "respacing", "ema_rate", "batch_size")
@@ -76,7 +76,7 @@ TRAINED: dict[str, TrainedMethod] = {
             "dkdm",
             "DKDM (data-free)",
             "scripts/image_kd.py",
-            "yaml/digits_32/exp/Digits-DKDM.yaml",
+            "yaml/digits_16/exp/Digits-DKDM.yaml",
             "main",
             needs_pool=True,
         ),
@@ -84,7 +84,7 @@ TRAINED: dict[str, TrainedMethod] = {
             "baseline",
             "Baseline (teacher samples)",
             "scripts/image_train.py",
-            "yaml/digits_32/exp/Digits-Baseline.yaml",
+            "yaml/digits_16/exp/Digits-Baseline.yaml",
             "main",
             data="teacher_samples",
         ),
@@ -92,7 +92,7 @@ TRAINED: dict[str, TrainedMethod] = {
             "real",
             "Real data (train split)",
             "scripts/image_train.py",
-            "yaml/digits_32/exp/Digits-Real.yaml",
+            "yaml/digits_16/exp/Digits-Real.yaml",
             "main",
             data="real",
         ),
@@ -100,7 +100,7 @@ TRAINED: dict[str, TrainedMethod] = {
             "tccd",
             "TCCD (data-free)",
             "scripts/image_kd.py",
-            "yaml/digits_32/exp/Digits-TCCD.yaml",
+            "yaml/digits_16/exp/Digits-TCCD.yaml",
             "main",
             needs_pool=True,
         ),
@@ -335,7 +335,7 @@ class DigitsBenchmark:
     """One runner call: shared data and feature network, the merged results, the time budget."""
 
     def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
-        from datasets.digits import write_digits32
+        from datasets.digits import write_digits
         from evaluations.feature_extractors import get_feature_extractor
 
         self.args = args
@@ -360,7 +360,7 @@ class DigitsBenchmark:
         }
         self.results = self._load_previous()
         self.results["invocations"].append(display_command(["python", "benchmarks/digits_results.py", *argv]))
-        self.data_paths = write_digits32(Path(args.data_dir).resolve())
+        self.data_paths = write_digits(Path(args.data_dir).resolve())
         with np.load(self.data_paths["ref"]) as ref, np.load(self.data_paths["train"]) as train:
             ref_images, self.train_images = ref["arr_0"], train["arr_0"]
         self.extractor = get_feature_extractor("digits", self.device)
@@ -406,7 +406,7 @@ class DigitsBenchmark:
 
     def score_row(self, row: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
         """Add digits-FID / precision / recall of `images` to `row` and save its grid."""
-        row.update(score(self.extractor, self.ref_feats, images))
+        row.update(metrics.fid_precision_recall(self.ref_feats, self.extractor.features(images)["pool"]))
         row["grid"] = str(Path("grids") / f"{row['name']}.png")
         save_grid(images, str(self.out / row["grid"]))
         return row
@@ -451,7 +451,7 @@ class DigitsBenchmark:
             diffusion,
             num_samples=self.args.num_samples,
             batch_size=min(self.args.num_samples, self.args.sample_batch_size),
-            image_size=32,
+            image_size=16,
             use_ddim=use_ddim,
             clip_denoised=True,
             seed=self.args.seed,
@@ -489,7 +489,7 @@ class DigitsBenchmark:
             "sampler": "noise",
             "status": "done",
         }
-        self.score_row(row, rng.integers(0, 256, size=(m, 32, 32, 3), dtype=np.uint8))
+        self.score_row(row, rng.integers(0, 256, size=(m, 16, 16, 3), dtype=np.uint8))
         self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
         begin = time.perf_counter()
         torch.manual_seed(self.args.seed)
@@ -708,7 +708,7 @@ class DigitsBenchmark:
             begin = time.perf_counter()
             load_model_weights(model, str(found[step]))
             images = self.sample(model, diffusion, use_ddim)
-            point = score(self.extractor, self.ref_feats, images)
+            point = metrics.fid_precision_recall(self.ref_feats, self.extractor.features(images)["pool"])
             row["curve"].append({"step": step, **point})
             if i == 0:
                 row.update(steps=step, **point)

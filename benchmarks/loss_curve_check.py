@@ -1,6 +1,6 @@
 """Loss-curve check: the digits DKDM student trained once per precision (same seed and pool, KDTrainLoop).
 
-Distils the shipped digits teacher (data-free) into the digits student of yaml/digits_32/exp/Digits-DKDM.yaml
+Distils the shipped digits teacher (data-free) into the digits student of yaml/digits_16/exp/Digits-DKDM.yaml
 through `kd_util.KDTrainLoop`, once per `--precision`. The teacher pool is prepared once (fp32) and every run
 loads it with fresh generators, the same seed and the same student initialization, so the curves differ only
 by the precision (and, with `--optimized`, by the scripts' default fast path, `compile`, `cuda_graphs` and
@@ -38,8 +38,8 @@ from guided_diffusion.kd_util import KDTrainLoop, load_teacher, make_dynamic_bat
 from guided_diffusion.run_setup import build_model_and_diffusion, seed_everything  # noqa: E402
 from guided_diffusion.train_util import loop_kwargs  # noqa: E402
 
-CONFIG = REPO / "yaml" / "digits_32" / "exp" / "Digits-DKDM.yaml"
-TEACHER = REPO / "model" / "digits32_teacher.pt"
+CONFIG = REPO / "yaml" / "digits_16" / "exp" / "Digits-DKDM.yaml"
+TEACHER = REPO / "model" / "digits16_teacher.pt"
 PRECISIONS = ("fp32", "fp16", "bf16")
 TERMS = ("loss", "mse", "vb")
 

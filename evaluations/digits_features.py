@@ -19,6 +19,7 @@ from guided_diffusion.checkpoint import atomic_torch_save
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "model" / "digits32_features.pt"
 FEATURE_DIM = 128
+INPUT_SIZE = 32
 NUM_CLASSES = 10
 
 
@@ -45,12 +46,16 @@ class DigitsNet(nn.Module):
 
 
 def to_input(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """Convert uint8 NHWC images (32x32, 1 or 3 channels) to a float NCHW tensor in [-1, 1]."""
+    """Convert uint8 NHWC images (square, 8 to 32 px, 1 or 3 channels) to a float NCHW tensor in [-1, 1] at
+    the net's 32x32; smaller images are upscaled bilinearly, as the digits data itself is made from 8x8."""
     arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[1:3] != (32, 32) or arr.shape[3] not in (1, 3):
-        raise ValueError(f"digits features need uint8 images of shape [N, 32, 32, 3]; got {arr.shape}")
+    square = arr.ndim == 4 and arr.shape[1] == arr.shape[2] and 8 <= arr.shape[1] <= INPUT_SIZE
+    if not square or arr.shape[3] not in (1, 3):
+        raise ValueError(f"digits features need uint8 images [N, S, S, 3] with 8 <= S <= 32; got {arr.shape}")
     x = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=torch.float32)
     x = x.permute(0, 3, 1, 2) / 127.5 - 1.0
+    if x.shape[-1] != INPUT_SIZE:
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 

@@ -202,3 +202,14 @@ def precision_recall(
     radii_sample = est.manifold_radii(sample_feats)
     precision, recall = est.evaluate_pr(ref_feats, radii_ref, sample_feats, radii_sample)
     return float(precision[0]), float(recall[0])
+
+
+def fid_precision_recall(ref_feats: np.ndarray, feats: np.ndarray) -> dict[str, float | None]:
+    """FID (None when its sqrtm keeps a large imaginary part), precision and recall of sample features
+    against reference features: the evaluator's numbers for one feature network, in one call."""
+    try:
+        fid: float | None = frechet_distance(*compute_statistics(feats), *compute_statistics(ref_feats))
+    except InvalidFIDError:
+        fid = None
+    precision, recall = precision_recall(ref_feats, feats)
+    return {"fid": fid, "precision": precision, "recall": recall}

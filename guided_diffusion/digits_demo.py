@@ -1,13 +1,14 @@
 """The digits demo: a whole data-free distillation (DKDM) on scikit-learn's digits, scored and tabulated.
 
-Stages: write the digits npz files; prepare the dynamic batch from the shipped teacher; distill the student
-with `KDTrainLoop`; sample teacher and student; score both (FID, precision, recall in the digits classifier's
-feature space) against the reference split. Schedules (short / long / smoke) live in yaml/digits_32/demo.yaml.
+The demo runs the papers' commands, one process each, on a config it writes into its run dir:
+`datasets/digits.py` -> `scripts/dynamic_prepare.py` -> `scripts/image_kd.py` -> `scripts/image_sample.py`
+(teacher and student) -> `evaluations/evaluator.py --features digits` (FID, precision, recall in the digits
+classifier's feature space against the reference split). Schedules (short / long / smoke) live in
+yaml/digits_16/demo.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import csv
@@ -16,6 +17,9 @@ import io
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,22 +29,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import dist_util
 from .checkpoint import atomic_write_bytes
-from .config import REPO_ROOT, ConfigError, load_config
-from .kd_util import KDTrainLoop, check_sections, load_teacher, make_dynamic_batch
-from .run_setup import build_model_and_diffusion, start_run
-from .sampling import sample_images, save_grid
-from .train_util import loop_kwargs
+from .config import REPO_ROOT, ConfigError, load_config, save_config
+from .run_setup import build_model_and_diffusion
+from .sampling import save_grid
 
 MODES = ("short", "long", "smoke")
 SCHEDULE_KEYS = (
     "timestep_respacing", "rho", "teacher_batch_size", "batch_size", "lr", "ema_rate", "lr_schedule",
-    "max_steps", "log_interval", "num_samples", "sample_batch_size",
+    "max_steps", "log_interval", "num_samples", "sample_batch_size", "student_clip_denoised",
 )
-DEMO_YAML = REPO_ROOT / "yaml" / "digits_32" / "demo.yaml"
-KD_YAML = REPO_ROOT / "yaml" / "digits_32" / "exp" / "Digits-DKDM.yaml"
-DEFAULT_TEACHER = REPO_ROOT / "model" / "digits32_teacher.pt"
+DEMO_YAML = REPO_ROOT / "yaml" / "digits_16" / "demo.yaml"
+KD_YAML = REPO_ROOT / "yaml" / "digits_16" / "exp" / "Digits-DKDM.yaml"
+TEACHER_YAML = REPO_ROOT / "yaml" / "digits_16" / "teacher.yaml"
+DEFAULT_TEACHER = REPO_ROOT / "model" / "digits16_teacher.pt"
+IMAGE_SIZE = 16
 
 
 def load_schedule(mode: str, path: str | os.PathLike = DEMO_YAML) -> dict[str, Any]:
@@ -74,6 +77,7 @@ def build_demo_config(schedule: Mapping[str, Any], teacher_path: str, cache_path
     cfg.teacher.batch_size = int(schedule["teacher_batch_size"])
     cfg.teacher.model_path = str(teacher_path)
     cfg.teacher.tempfile = str(cache_path)
+    cfg.teacher.student_clip_denoised = bool(schedule["student_clip_denoised"])
     return cfg
 
 
@@ -88,21 +92,6 @@ def model_cost(model: torch.nn.Module, image_size: int) -> dict[str, float]:
     with torch.no_grad():
         macs, _ = profile(probe, inputs=(x, t), verbose=False)
     return {"params": int(sum(p.numel() for p in model.parameters())), "gmacs": float(macs) / 1e9}
-
-
-def score(extractor: Any, ref_feats: np.ndarray, images: np.ndarray) -> dict[str, float | None]:
-    """FID, precision and recall of uint8 images against reference features (FID None when undefined)."""
-    from evaluations import metrics
-
-    feats = extractor.features(images)["pool"]
-    try:
-        fid: float | None = metrics.frechet_distance(
-            *metrics.compute_statistics(feats), *metrics.compute_statistics(ref_feats)
-        )
-    except metrics.InvalidFIDError:
-        fid = None
-    precision, recall = metrics.precision_recall(ref_feats, feats)
-    return {"fid": fid, "precision": precision, "recall": recall}
 
 
 def read_loss_curve(progress_csv: str | os.PathLike) -> dict[str, list[float]]:
@@ -120,21 +109,22 @@ def read_loss_curve(progress_csv: str | os.PathLike) -> dict[str, list[float]]:
 
 
 def plot_loss_curve(curve: Mapping[str, list[float]], path: str | os.PathLike) -> None:
-    """Write the distillation loss terms against the step as a PNG (log scale), atomically."""
+    """Write the distillation loss terms against the step as a PNG, atomically: `mse` and `vb` on separate
+    log axes (their scales differ by orders of magnitude at the noisiest steps; docs/DKDM.md says why)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "mse", "vb"):
-        if key in curve and max(curve[key]) > 0:  # a log axis cannot show an all-zero term
-            ax.plot(curve["step"], curve[key], label=key)
-    ax.set_xlabel("student step")
-    ax.set_ylabel("DKDM loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("DKDM distillation on digits")
+    terms = [key for key in ("mse", "vb") if key in curve] or ["loss"]
+    fig, axes = plt.subplots(1, len(terms), figsize=(5 * len(terms), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], terms, strict=True):
+        ax.plot(curve["step"], curve[key])
+        ax.set_xlabel("student step")
+        ax.set_ylabel(key)
+        if min(curve[key]) > 0:
+            ax.set_yscale("log")
+        ax.set_title(f"DKDM {key}")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -181,83 +171,123 @@ def _json_ready(obj: Any) -> Any:
     return obj
 
 
+class StageError(RuntimeError):
+    """A demo stage (one of the scripts) failed; the message names the command and its log file."""
+
+
+def run_stage(args: list[str], log_path: Path, env: Mapping[str, str]) -> str:
+    """Run one script of the pipeline with the demo's Python, output kept in `log_path`; returns stdout."""
+    cmd = [sys.executable, *args]
+    print("[digits demo] $ " + " ".join(args), flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=dict(env), stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        log.write(proc.stdout)
+    if proc.returncode != 0:
+        raise StageError(f"{args[0]} exited with {proc.returncode}; see {log_path}")
+    return proc.stdout
+
+
+def write_demo_config(schedule: Mapping[str, Any], teacher_path: str, out_dir: Path) -> Path:
+    """The KD config of this run (Digits-DKDM.yaml with the schedule), saved as `out_dir/kd.yaml`."""
+    cfg = build_demo_config(schedule, teacher_path, str(out_dir / "Digits-Dynamic.cache"))
+    path = out_dir / "kd.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def evaluate_npz(ref: str, sample: str, out_json: Path, log_dir: Path, env: Mapping[str, str]) -> dict:
+    """`evaluations/evaluator.py REF SAMPLE --features digits --json OUT`; returns FID/precision/recall."""
+    run_stage(
+        ["evaluations/evaluator.py", ref, sample, "--features", "digits", "--json", str(out_json)],
+        log_dir / f"evaluate_{out_json.stem}.log", env,
+    )
+    result = json.loads(out_json.read_text())
+    return {key: result[key] for key in ("fid", "precision", "recall")}
+
+
 def run_demo(
     mode: str = "short",
     teacher_path: str | os.PathLike | None = None,
     output_root: str | os.PathLike = "experiments/digits_demo",
     data_dir: str | os.PathLike = "experiments/data/digits",
+    env: Mapping[str, str] | None = None,
+    schedules: str | os.PathLike = DEMO_YAML,
 ) -> dict[str, Any]:
-    """Run every stage and write grids, loss curve and results.json under `output_root/<time>/`."""
-    from datasets.digits import load_digits32, write_digits32
-    from evaluations.feature_extractors import get_feature_extractor
-
+    """Run every stage; write grids, sample arrays, loss curve and results.json in `output_root/<time>/`."""
     teacher_file = Path(teacher_path) if teacher_path else DEFAULT_TEACHER
     if not teacher_file.is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {teacher_file} (pass --teacher_path)")
-    schedule = load_schedule(mode)
-    out_dir = Path(output_root) / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = out_dir / "kd"
-    cfg = build_demo_config(schedule, str(teacher_file), str(run_dir / "Digits-Dynamic.cache"))
-    check_sections(cfg.teacher, cfg.student)
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    schedule = load_schedule(mode, schedules)
+    out_dir = Path(output_root).resolve() / datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True)
+    config = write_demo_config(schedule, str(teacher_file.resolve()), out_dir)
+    cfg = load_config(config)
+    data = Path(data_dir).resolve()
+    ref_npz = str(data / f"digits{IMAGE_SIZE}_ref.npz")
+    steps, n = str(schedule["max_steps"]), str(schedule["num_samples"])
+    sampling = ["--num_samples", n, "--batch_size", str(schedule["sample_batch_size"]),
+                "--timestep_respacing", schedule["timestep_respacing"]]
     stages: dict[str, float] = {}
     begin = time.perf_counter()
 
     with _timed(stages, "data"):
-        data_paths = write_digits32(data_dir)
-        with np.load(data_paths["ref"]) as ref:
-            ref_images = ref["arr_0"]
-    start_run("kd", cfg, argparse.Namespace(exp_dir=str(run_dir), wandb=None))
-    device = dist_util.dev()
-    teacher, teacher_diffusion = load_teacher(cfg.teacher, device)
-    student, student_diffusion = build_model_and_diffusion(cfg.student, device)
-
+        run_stage(["datasets/digits.py", "--image_size", str(IMAGE_SIZE), "--output_dir", str(data)],
+                  logs / "data.log", env)
     with _timed(stages, "prepare"):
-        pool = make_dynamic_batch(
-            cfg.teacher, cfg.student, teacher, teacher_diffusion, student_diffusion, device
-        )
-        pool.prepare_and_save(cfg.teacher.tempfile)
-    s = cfg.student
+        prepare_dir = str(out_dir / "prepare")
+        run_stage(["scripts/dynamic_prepare.py", "--config", str(config), "--exp_dir", prepare_dir],
+                  logs / "prepare.log", env)
     with _timed(stages, "distill"):
-        loop = KDTrainLoop(
-            teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool,
-            tempfile=cfg.teacher.tempfile, input_perturb=cfg.teacher.input_perturb,
-            cache_save_interval=s.cache_save_interval, model=student, diffusion=student_diffusion,
-            batch_size=s.batch_size,
-            **{**loop_kwargs(s, student_diffusion, str(run_dir)), "resume_checkpoint": ""},
-        )
-        loop.run_loop()
-        student_ema = loop.ema_model().eval()
-
-    samples: dict[str, np.ndarray] = {}
-    for name, model, diffusion in (
-        ("teacher", teacher, teacher_diffusion), ("student", student_ema, student_diffusion)
-    ):
+        run_stage(["scripts/image_kd.py", "--config", str(config), "--exp_dir", str(out_dir / "kd")],
+                  logs / "distill.log", env)
+    student_file = out_dir / "kd" / f"ema_{schedule['ema_rate']}_{int(steps):06d}.pt"
+    runs = {
+        "teacher": ["--config", str(TEACHER_YAML), "--model_path", str(teacher_file.resolve())],
+        "student": ["--config", str(config), "--model_path", str(student_file)],
+    }
+    samples: dict[str, str] = {}
+    for name, args in runs.items():
         with _timed(stages, f"sample_{name}"):
-            samples[name] = sample_images(
-                model, diffusion, num_samples=schedule["num_samples"],
-                batch_size=schedule["sample_batch_size"], image_size=s.image_size,
-                clip_denoised=s.clip_denoised, seed=s.seed, progress=False,
-            )
-        save_grid(samples[name], str(out_dir / f"samples_grid_{name}.png"))
+            folder = out_dir / f"sample_{name}"
+            path = run_stage(["scripts/image_sample.py", *args, *sampling, "--output_dir", str(folder)],
+                             logs / f"sample_{name}.log", env).strip().splitlines()[-1]
+        samples[name] = str(out_dir / f"samples_{name}.npz")
+        shutil.copyfile(path, samples[name])
+        with np.load(samples[name]) as arr:
+            save_grid(arr["arr_0"], str(out_dir / f"samples_grid_{name}.png"))
 
-    results: dict[str, Any] = {"mode": mode, "device": str(device), "schedule": schedule}
+    results: dict[str, Any] = {"mode": mode, "device": _device_name(env), "schedule": schedule}
     with _timed(stages, "evaluate"):
-        extractor = get_feature_extractor("digits", device)
-        ref_feats = extractor.features(ref_images)["pool"]
-        train_images, _ = load_digits32("train")
-        results["real_train"] = score(extractor, ref_feats, train_images[: schedule["num_samples"]])
-        for name, model in (("teacher", teacher), ("student", student_ema)):
-            results[name] = {**score(extractor, ref_feats, samples[name]), **model_cost(model, s.image_size)}
-    plot_loss_curve(read_loss_curve(run_dir / "progress.csv"), out_dir / "loss_curve.png")
+        from datasets.digits import load_digits
+
+        real = out_dir / "real_train.npz"
+        np.savez(real, load_digits("train", IMAGE_SIZE)[0][: int(n)])
+        results["real_train"] = evaluate_npz(ref_npz, str(real), out_dir / "eval_real_train.json", logs, env)
+        for name, section in (("teacher", cfg.teacher), ("student", cfg.student)):
+            results[name] = {
+                **evaluate_npz(ref_npz, samples[name], out_dir / f"eval_{name}.json", logs, env),
+                **model_cost(build_model_and_diffusion(section, "cpu")[0], IMAGE_SIZE),
+            }
+    plot_loss_curve(read_loss_curve(out_dir / "kd" / "progress.csv"), out_dir / "loss_curve.png")
     results["stages_s"] = stages
     results["total_s"] = time.perf_counter() - begin
     results["files"] = {
-        "out_dir": str(out_dir), "run_dir": str(run_dir), "teacher": str(teacher_file),
-        "reference": data_paths["ref"],
+        "out_dir": str(out_dir), "config": str(config), "teacher": str(teacher_file),
+        "student": str(student_file), "reference": ref_npz, **{f"samples_{k}": v for k, v in samples.items()},
     }
     payload = json.dumps(_json_ready(results), indent=2).encode()
     atomic_write_bytes(payload, str(out_dir / "results.json"))
     print(format_table(results), flush=True)
     print(f"[digits demo] outputs in {out_dir}", flush=True)
-    dist_util.cleanup()
     return results
+
+
+def _device_name(env: Mapping[str, str]) -> str:
+    """What the stages run on: the first visible GPU, else the CPU."""
+    hidden = env.get("CUDA_VISIBLE_DEVICES") == ""
+    return "cuda" if torch.cuda.is_available() and not hidden else "cpu"

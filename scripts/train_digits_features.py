@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.digits import load_digits32  # noqa: E402
+from datasets.digits import load_digits  # noqa: E402
 from evaluations.digits_features import (  # noqa: E402
     DEFAULT_WEIGHTS,
     DigitsExtractor,
@@ -32,12 +32,12 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.time()
-    images, labels = load_digits32("train")
+    images, labels = load_digits("train", 32)
     net = train_features(
         images, labels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device,
     )
-    ref_images, ref_labels = load_digits32("ref")
+    ref_images, ref_labels = load_digits("ref", 32)
     extractor = DigitsExtractor(net, args.device)
     print(f"train accuracy {extractor.accuracy(images, labels):.4f}")
     print(f"reference accuracy {extractor.accuracy(ref_images, ref_labels):.4f}")

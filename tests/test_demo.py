@@ -48,6 +48,7 @@ def test_demo_config_applies_the_schedule_to_both_sections(tmp_path):
     assert cfg.teacher.BATCH == schedule["rho"] and cfg.student.batch_size == schedule["batch_size"]
     assert cfg.student.max_steps == cfg.student.save_interval == schedule["max_steps"]
     assert cfg.teacher.model_path == "teacher.pt" and cfg.teacher.tempfile.endswith("pool.cache")
+    assert cfg.teacher.student_clip_denoised is True
     # the student is the smaller network: about a quarter of the teacher's parameters
     teacher, _ = build_model_and_diffusion(cfg.teacher, "cpu")
     student, _ = build_model_and_diffusion(cfg.student, "cpu")
@@ -83,15 +84,15 @@ def test_missing_teacher_is_a_one_line_error(tmp_path):
 
 def test_shipped_teacher_fits_the_teacher_arch():
     assert DEFAULT_TEACHER.stat().st_size < 16 * 2**20
-    teacher, _ = build_model_and_diffusion(load_config(ROOT / "yaml/digits_32/teacher.yaml"), "cpu")
+    teacher, _ = build_model_and_diffusion(load_config(ROOT / "yaml/digits_16/teacher.yaml"), "cpu")
     load_model_weights(teacher, str(DEFAULT_TEACHER))
     assert any(p.abs().sum() > 0 for p in teacher.out.parameters()), "output layer still zero: untrained?"
 
 
 @pytest.mark.slow
 def test_smoke_demo_end_to_end(tmp_path):
-    """`--smoke` with the default (shipped) teacher: every stage runs and writes its outputs."""
-    teacher, _ = build_model_and_diffusion(load_config(ROOT / "yaml/digits_32/teacher.yaml"), "cpu")
+    """`--smoke` with the shipped teacher: every stage (one script each) runs and writes its outputs."""
+    teacher, _ = build_model_and_diffusion(load_config(ROOT / "yaml/digits_16/teacher.yaml"), "cpu")
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
         [sys.executable, "scripts/digits_demo.py", "--smoke", "--device", "cpu",
@@ -119,7 +120,15 @@ def test_smoke_demo_end_to_end(tmp_path):
     curve = read_loss_curve(out_dir / "kd" / "progress.csv")
     assert curve["step"][-1] == load_schedule("smoke")["max_steps"]
     assert np.isfinite(curve["loss"]).all()
-    assert (out_dir / "kd" / "Digits-Dynamic.cache").is_file()
+    assert (out_dir / "Digits-Dynamic.cache").is_file()
     assert "student" in proc.stdout and "stage wall time" in proc.stdout
-    with np.load(tmp_path / "data" / "digits32_ref.npz") as ref:
-        assert ref["arr_0"].shape == (360, 32, 32, 3)
+    with np.load(tmp_path / "data" / "digits16_ref.npz") as ref:
+        assert ref["arr_0"].shape == (360, 16, 16, 3)
+    for name in ("teacher", "student"):  # the arrays that were scored, in the ADM evaluator's layout
+        with np.load(out_dir / f"samples_{name}.npz") as arr:
+            assert arr["arr_0"].shape == (16, 16, 16, 3) and arr["arr_0"].dtype == np.uint8
+        assert json.loads((out_dir / f"eval_{name}.json").read_text())["fid"] == results[name]["fid"]
+    # the papers' scripts ran, each with its own log
+    for stage in ("prepare", "distill", "sample_teacher", "sample_student"):
+        assert (out_dir / "logs" / f"{stage}.log").stat().st_size > 0
+    assert (out_dir / "prepare" / "config.yaml").is_file() and (out_dir / "kd" / "config.yaml").is_file()

@@ -58,7 +58,7 @@ def test_runner_end_to_end_writes_json_markdown_plot_and_grids(tmp_path):
     assert kd_cmds[0].startswith("python scripts/dynamic_prepare.py --config ")
     assert kd_cmds[1].startswith("python scripts/image_kd.py ") and "--max_steps 2" in kd_cmds[1]
     assert "--seed 3" in kd_cmds[1] and "--seed 3" in base_cmds[1]
-    assert base_cmds[0].startswith("python scripts/image_sample.py --config yaml/digits_32/teacher.yaml")
+    assert base_cmds[0].startswith("python scripts/image_sample.py --config yaml/digits_16/teacher.yaml")
     assert "--num_samples 8" in base_cmds[0] and "--data_dir " in base_cmds[1]
     assert rows["dkdm"]["config_edits"]["student.timestep_respacing"] == "5"
     assert (out / "configs" / "dkdm.yaml").is_file() and (out / "pools" / "dkdm.cache").is_file()

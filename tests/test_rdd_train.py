@@ -177,7 +177,7 @@ def test_digits_stage_configs_build_on_the_shipped_teacher(name):
     from guided_diffusion.run_setup import build_model_and_diffusion
     from guided_diffusion.step_distill import StepDistiller
 
-    cfg = load_config(REPO / "yaml/digits_32/exp/rdd" / name)
+    cfg = load_config(REPO / "yaml/digits_16/exp/rdd" / name)
     if not (REPO / cfg.teacher.model_path).is_file():
         pytest.fail(f"shipped teacher missing: {cfg.teacher.model_path}")
     teacher, teacher_diffusion = load_teacher(cfg.teacher, torch.device("cpu"))

@@ -27,7 +27,7 @@ TCCD_CONFIGS = {  # TCCD config -> the DKDM config it extends
        for s in (14, 24, 32, 44, 57)},
     "celeba_64/exp/CelebA64-57M-TCCD-0.4.yaml": "celeba_64/exp/CelebA64-57M-Dynamic-0.4.yaml",
     "imagenet_32/exp/ImageNet32-14M-TCCD-0.4.yaml": "imagenet_32/exp/ImageNet32-14M-Dynamic-0.4.yaml",
-    "digits_32/exp/Digits-TCCD.yaml": "digits_32/exp/Digits-DKDM.yaml",
+    "digits_16/exp/Digits-TCCD.yaml": "digits_16/exp/Digits-DKDM.yaml",
 }
 
 
