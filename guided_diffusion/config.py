@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import inspect
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic_io import atomic_write_text
@@ -87,6 +90,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "precision": ("auto", "fp32", "fp16", "bf16"),
     "lr_schedule": ("constant", "cosine"),
+    "schedule_sampler": ("uniform", "loss-second-moment"),
+    "noise_schedule": ("linear", "cosine"),
+}
+
+# Numeric ranges beyond types: key -> (low, high, low inclusive, high inclusive); values must be finite.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "lr": (0.0, math.inf, False, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "dropout": (0.0, 1.0, True, False),
+    "grad_clip": (0.0, math.inf, True, False),
+    "max_steps": (0, math.inf, True, False),
+    "lr_anneal_steps": (0, math.inf, True, False),
+    "save_interval": (0, math.inf, True, False),
+    "log_interval": (0, math.inf, True, False),
+    "sample_interval": (0, math.inf, True, False),
+    "cache_save_interval": (-1, math.inf, True, False),
+    "max_nonfinite_skips": (0, math.inf, True, False),
+    "input_perturb": (0.0, math.inf, True, False),
+    "fp16_scale_growth": (0.0, math.inf, True, False),
 }
 
 # Spellings the authors' code accepts, mapped to ours.
@@ -256,7 +278,56 @@ def _check_values(section: dict[str, Any], source: str, where: str) -> None:
         raise ConfigError(f"{source}: prob {section['prob']} in {where} must be in (0, 1]")
     if "BATCH" in section and section["BATCH"] <= 0.0:
         raise ConfigError(f"{source}: BATCH {section['BATCH']} in {where} must be positive")
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        value = section.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        inside = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+        if not (math.isfinite(value) and inside):
+            bounds = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise ConfigError(f"{source}: {key} {value} in {where} must be finite and in {bounds}")
+    if "ema_rate" in section:
+        _check_ema_rates(section["ema_rate"], source, where)
     _check_respacing(section, source, where)
+    _check_architecture(section, source, where)
+
+
+def _check_ema_rates(value: str, source: str, where: str) -> None:
+    try:
+        rates = [float(part) for part in str(value).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{source}: ema_rate '{value}' in {where} is not a list of numbers") from None
+    bad = [rate for rate in rates if not 0.0 <= rate < 1.0]
+    if bad:
+        raise ConfigError(f"{source}: ema_rate '{value}' in {where}: rates must be in [0, 1), got {bad[0]}")
+
+
+def _check_architecture(section: dict[str, Any], source: str, where: str) -> None:
+    """Build the section's UNet on the meta device (no memory): a shape problem (channel_mult,
+    attention_resolutions, num_head_channels, ...) surfaces now, naming the file, not after a run dir exists.
+    Attention is also required to land on a level the UNet has."""
+    from guided_diffusion.script_util import (
+        create_model,
+        parse_attention_resolutions,
+        parse_channel_mult,
+    )
+
+    accepted = inspect.signature(create_model).parameters
+    kwargs = {key: section[key] for key in accepted if key in section}
+    try:
+        mult = parse_channel_mult(section["channel_mult"], section["image_size"])
+        rates = parse_attention_resolutions(section["attention_resolutions"], section["image_size"])
+        levels = {2**level for level in range(len(mult))}
+        missing = [section["image_size"] // rate for rate in rates if rate not in levels]
+        if missing:
+            raise ValueError(
+                f"attention_resolutions {section['attention_resolutions']!r}: the UNet has no "
+                f"{missing[0]}px level (levels {sorted(section['image_size'] // r for r in levels)})"
+            )
+        with torch.device("meta"):
+            create_model(**kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{source}: model in {where}: {str(exc).splitlines()[0]}") from None
 
 
 def _check_respacing(section: dict[str, Any], source: str, where: str) -> None:

@@ -16,10 +16,12 @@ from omegaconf import DictConfig
 from . import dist_util, logger
 from .checkpoint import load_state_dict_strict, safe_torch_load, unwrap_state_dict
 from .config import SOURCE_KEY, model_and_diffusion_kwargs, primary_section, save_config, validate_world_size
+from .run_lock import claim_run_dir
 from .script_util import create_model_and_diffusion
 from .tccd import TCCD_PREFIX
 
 EXPERIMENTS_DIR = "experiments"
+TRAINING_KINDS = ("train", "kd", "step_distill")  # runs that write checkpoints (and so may not overwrite any)
 METHOD_STATE_PREFIXES = (TCCD_PREFIX,)  # extra modules that training loops save inside the model files
 
 
@@ -37,20 +39,22 @@ def seed_everything(seed: int) -> None:
 
 
 def choose_run_dir(kind: str, cfg: Mapping[str, Any], exp_dir: str | None, resume: str | None) -> str:
-    """`exp_dir` if given; the resumed run's dir; else `experiments/<kind>/<config stem>-<timestamp>`."""
+    """`exp_dir` if given; the resumed run's dir; else `experiments/<kind>/<config stem>-<time>-<pid>` (the
+    microseconds and pid keep two launches in the same second apart)."""
     if exp_dir:
         return exp_dir
     if resume:
         return resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
     stem = os.path.splitext(os.path.basename(str(cfg.get(SOURCE_KEY, "run"))))[0]
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(EXPERIMENTS_DIR, kind, f"{stem}-{stamp}")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return os.path.join(EXPERIMENTS_DIR, kind, f"{stem}-{stamp}-{os.getpid()}")
 
 
 def start_run(kind: str, cfg: DictConfig, args: argparse.Namespace, split_batch: bool = True) -> str:
-    """Join the process group, check the batch split, seed (seed + rank), pick and return the run dir,
-    configure the logger there and save the resolved config. `split_batch=False` for sampling, whose
-    batch_size is per rank."""
+    """Join the process group, check the batch split, seed (seed + rank), pick, lock and return the run dir,
+    configure the logger there and save the resolved config. A run dir another process holds, or a fresh
+    training run into a dir with checkpoints, stops every rank with a one-line error (run_lock).
+    `split_batch=False` for sampling, whose batch_size is per rank."""
     dist_util.setup_dist()
     dist_util.abort_on_exception()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
@@ -59,7 +63,12 @@ def start_run(kind: str, cfg: DictConfig, args: argparse.Namespace, split_batch:
     section = primary_section(cfg)
     seed_everything(int(section.get("seed", 0)) + rank)
     resume = section.get("resume_checkpoint") or None
-    run_dir = dist_util.broadcast_object(choose_run_dir(kind, cfg, getattr(args, "exp_dir", None), resume))
+    run_dir = choose_run_dir(kind, cfg, getattr(args, "exp_dir", None), resume)
+    may_overwrite = bool(resume) or kind not in TRAINING_KINDS
+    refusal = claim_run_dir(run_dir, resuming=may_overwrite) if rank == 0 else None
+    run_dir, refusal = dist_util.broadcast_object((run_dir, refusal))
+    if refusal:
+        raise SystemExit(f"error: {refusal}")
     logger.configure(
         run_dir, format_strs=["stdout", "log", "csv"], wandb_project=getattr(args, "wandb", None),
         wandb_config=dict(section),

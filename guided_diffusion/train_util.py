@@ -27,7 +27,7 @@ from .checkpoint import (
     write_latest,
 )
 from .compile_util import FastPath, fast_trained
-from .mixed_precision import MixedPrecisionTrainer, make_optimizer, resolve_precision
+from .mixed_precision import MixedPrecisionTrainer, NonFiniteLossError, make_optimizer, resolve_precision
 
 if TYPE_CHECKING:
     from .gaussian_diffusion import GaussianDiffusion
@@ -444,6 +444,7 @@ class TrainLoop:
     def save(self) -> None:
         """Write model, EMA and opt files for the current step (rank 0), the extras, then `latest`."""
         step = self.step
+        self._check_finite_weights()
         payload = self._opt_payload()
         extra_files = self.save_extra_files(step)
         if dist_util.is_main_process():
@@ -462,6 +463,17 @@ class TrainLoop:
             write_latest(self.run_dir, step, files + list(extra_files))
             logger.log(f"saved checkpoint set for step {step} in {self.run_dir}")
         dist_util.barrier()
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to save non-finite weights (e.g. after an infinite learning rate): no file is written, so
+        `latest` keeps pointing at the last good checkpoint set."""
+        tensors = [*self.model_params, *(p for ema in self.ema_params for p in ema)]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"step {self.step}: the model or EMA weights are not finite; nothing saved, "
+                f"{self.run_dir}/latest still names the last good set (check the learning rate and precision)"
+            )
 
     def _resume(self, path: str) -> None:
         found = find_resume_set(

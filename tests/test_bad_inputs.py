@@ -18,7 +18,7 @@ from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpo
 
 from evaluations import evaluator
 from guided_diffusion.checkpoint import CheckpointMismatchError, load_state_dict_strict
-from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.config import ConfigError, load_config, model_and_diffusion_kwargs
 from guided_diffusion.dynamic_cache import CacheError, load_cache, save_cache
 from guided_diffusion.image_datasets import DataError, load_data
 from guided_diffusion.script_util import create_model_and_diffusion
@@ -82,7 +82,33 @@ CONFIG_CASES = {
     "empty_teacher": ({"model_path": ""}, {}, "model_path in teacher is empty"),
     "missing_student_init": ({}, {"model_path": "{root}/absent_student.pt"},
                              "model_path in student does not exist: {root}/absent_student.pt"),
+    "ema_above_one": ({}, {"ema_rate": "1.5"}, "ema_rate '1.5' in student: rates must be in [0, 1), got 1.5"),
+    "lr_nan": ({}, {"lr": float("nan")}, "lr nan in student must be finite and in (0.0, inf)"),
+    "head_channels": ({}, {"num_head_channels": 7}, "model in student: channels 32 not divisible by"),
+    "attention_off_level": ({"attention_resolutions": "5"}, {}, "model in teacher: attention_resolutions="),
 }
+
+# Values issue 19 found accepted (or refused only after the run dir existed), refused at load now.
+LATE_VALUES = {
+    "ema_rate": ("1.5", "rates must be in [0, 1)"),
+    "max_steps": (-5, "max_steps -5 in student must be finite and in [0, inf)"),
+    "save_interval": (-1, "save_interval -1 in student must be finite and in [0, inf)"),
+    "lr": (float("inf"), "lr inf in student must be finite"),
+    "dropout": (2.0, "dropout 2.0 in student must be finite and in [0.0, 1.0)"),
+    "schedule_sampler": ("importance", "invalid schedule_sampler 'importance' in student"),
+    "noise_schedule": ("sigmoid", "invalid noise_schedule 'sigmoid' in student"),
+    "channel_mult": ("a,b", "channel_mult='a,b' is not a comma-separated number list"),
+    "attention_resolutions": ("2", "the UNet has no 2px level"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(LATE_VALUES))
+def test_bad_values_are_refused_at_load(key):
+    value, expected = LATE_VALUES[key]
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "tests" / "configs" / "tiny_kd.yaml", {key: value})
+    message = str(info.value)
+    assert "\n" not in message and "tiny_kd.yaml" in message and expected in message
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))

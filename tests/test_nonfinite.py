@@ -109,6 +109,27 @@ def test_trainloop_nan_streak_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert opt["step"] == 6 and int(opt["scaler"]["consecutive_skips"]) == 2
 
 
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """Finite gradients can still leave non-finite weights (issue 19: `lr: .inf` exited 0 with NaN weights).
+    The save refuses, so `latest` keeps the last good set."""
+    loop = _train_loop(tmp_path, max_steps=6)
+    original = loop.mp_trainer.optimize
+
+    def blow_up(opt):
+        original(opt)
+        if loop.step == 3:  # the update of step 4 (0-based 3) writes inf into one weight
+            with torch.no_grad():
+                loop.model_params[0].view(-1)[0] = float("inf")
+
+    loop.mp_trainer.optimize = blow_up
+    with pytest.raises(NonFiniteLossError, match=r"step 4: the model or EMA weights are not finite"):
+        loop.run_loop()
+    logger.reset()
+    run = tmp_path / "run"
+    assert read_latest(run)[0] == 2 and not (run / "model000004.pt").exists()
+    assert all(torch.isfinite(v).all() for v in safe_torch_load(run / "model000002.pt").values())
+
+
 NAN_WRAPPER = textwrap.dedent(
     """
     import runpy, sys

@@ -1,0 +1,63 @@
+"""One writer per run dir: an exclusive lock held for the life of the process, and no fresh run over old ones.
+
+The lock is an advisory `flock` on `<run_dir>/.run.lock`; the operating system drops it when the process ends
+however it ends, so a killed run never blocks its own resume. A second process (a duplicate launch, a requeued
+job while the first still runs) is refused instead of interleaving checkpoints or deleting in-flight files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import socket
+from typing import IO
+
+LOCK_NAME = ".run.lock"
+CHECKPOINT_PATTERNS = ("latest", "model[0-9]*.pt", "ema_*_[0-9]*.pt", "opt[0-9]*.pt")
+
+_held: dict[str, IO[str]] = {}  # run dir -> open lock file, kept for the life of the process
+
+
+def holds_checkpoints(run_dir: str) -> bool:
+    """Whether `run_dir` already holds a training run's checkpoints (or its `latest` pointer)."""
+    return any(glob.glob(os.path.join(glob.escape(run_dir), pattern)) for pattern in CHECKPOINT_PATTERNS)
+
+
+def claim_run_dir(run_dir: str, resuming: bool) -> str | None:
+    """Lock `run_dir` for this process; return None, or a one-line reason why this run must not write there.
+
+    Refused: a dir another live process holds, and a fresh (not resuming) training run into a dir that
+    already holds checkpoints, which it would overwrite and whose `latest` it would rewind.
+    """
+    run_dir = os.path.abspath(run_dir)
+    if run_dir in _held:
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    handle = open(os.path.join(run_dir, LOCK_NAME), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        return f"run dir {run_dir} is in use by {owner}; one run writes to a run dir at a time"
+    if not resuming and holds_checkpoints(run_dir):
+        handle.close()
+        return (
+            f"run dir {run_dir} already holds a run's checkpoints; pass --resume_checkpoint {run_dir} "
+            "to continue it, or choose another --exp_dir"
+        )
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held[run_dir] = handle
+    return None
+
+
+def release_run_dir(run_dir: str) -> None:
+    """Give the lock back before the process ends (tests and in-process tools that run several runs)."""
+    handle = _held.pop(os.path.abspath(run_dir), None)
+    if handle is not None:
+        handle.close()

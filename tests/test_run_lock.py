@@ -1,0 +1,104 @@
+"""One writer per run dir: a second live process, or a fresh run over a finished one, is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+from script_env import ENV, PY, REPO, write_kd_yaml, write_tiny_checkpoints
+
+from guided_diffusion.run_lock import claim_run_dir, release_run_dir
+from guided_diffusion.run_setup import choose_run_dir
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from guided_diffusion.run_lock import claim_run_dir
+    assert claim_run_dir(sys.argv[1], resuming=True) is None
+    print("locked", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_live_owner_blocks_and_a_dead_one_does_not(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [PY, "-c", HOLDER, str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refusal = claim_run_dir(str(run_dir), resuming=True)
+        assert refusal is not None and "\n" not in refusal
+        assert f"in use by pid {holder.pid}" in refusal and str(run_dir) in refusal
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert claim_run_dir(str(run_dir), resuming=True) is None  # the OS released the killed owner's lock
+    release_run_dir(str(run_dir))
+
+
+def test_fresh_run_into_a_dir_with_checkpoints_is_refused(tmp_path):
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "model000004.pt").write_bytes(b"weights")
+    (run_dir / "latest").write_text("4\n")
+    refusal = claim_run_dir(str(run_dir), resuming=False)
+    assert refusal is not None and "already holds a run's checkpoints" in refusal
+    assert "--resume_checkpoint" in refusal
+    assert claim_run_dir(str(run_dir), resuming=True) is None
+    release_run_dir(str(run_dir))
+
+
+def test_default_run_dirs_of_one_second_differ():
+    cfg = {"config": "yaml/x/CIFAR10-57M-Dynamic-0.4.yaml"}
+    names = {choose_run_dir("kd", cfg, None, None) for _ in range(3)}
+    assert len(names) == 3
+    assert all(Path(name).name.startswith("CIFAR10-57M-Dynamic-0.4-") for name in names)
+    assert all(name.endswith(f"-{os.getpid()}") for name in names)
+
+
+def test_image_kd_refuses_a_second_writer_and_a_fresh_run_over_a_finished_one(tmp_path):
+    teacher = write_tiny_checkpoints(tmp_path)["teacher"]
+    config = write_kd_yaml(tmp_path / "kd.yaml", teacher, tmp_path / "pool.cache")
+    run_dir = tmp_path / "run"
+    cmd = [
+        PY,
+        "scripts/image_kd.py",
+        "--config",
+        str(config),
+        "--max_steps",
+        "2",
+        "--save_interval",
+        "2",
+        "--exp_dir",
+        str(run_dir),
+    ]
+    first = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix == ".pt"}
+    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1].startswith(f"error: run dir {run_dir} already holds")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix == ".pt"} == before
+    holder = subprocess.Popen(
+        [PY, "-c", HOLDER, str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        resume = subprocess.run(
+            [*cmd, "--resume_checkpoint", str(run_dir), "--max_steps", "4"],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert resume.returncode != 0 and "is in use by pid" in resume.stderr.strip().splitlines()[-1]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix == ".pt"} == before
