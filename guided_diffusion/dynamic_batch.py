@@ -260,11 +260,17 @@ class DynamicBatch:
         self.total_t.copy_(torch.from_numpy(np.ascontiguousarray(total_t, dtype=np.int64)))
         self.total_x.copy_(torch.from_numpy(np.ascontiguousarray(total_x, dtype=np.float32)))
 
-    def load_slice(self, path: str) -> None:
-        """Take this rank's slice [rank*N, (rank+1)*N) of a cache file holding at least world_size*N items."""
+    def load_slice(self, path: str, exact: bool = False) -> None:
+        """Take this rank's slice [rank*N, (rank+1)*N) of a cache file holding at least world_size*N items
+        (exactly that many with `exact`, as a resumed pool must: a prefix of it would silently drop items)."""
         arrays = load_cache(path, T=self.T)
         need = self.world_size * self.size
         have = arrays["total_t"].shape[0]
+        if exact and have != need:
+            raise CacheError(
+                f"{path}: the resumed pool holds {have} items but this run's pool is {self.world_size} "
+                f"rank(s) x {self.size} = {need}; resume with the batch size and BATCH it was made with"
+            )
         if have < need:
             raise CacheError(
                 f"{path}: holds {have} items but {self.world_size} rank(s) x {self.size} per rank = {need} "
@@ -375,12 +381,13 @@ class DynamicBatch:
         self.index_gen.set_state(state["index_rng"].cpu())
         self.noise_gen.set_state(state["noise_rng"].cpu())
 
-    def save(self, path: str) -> None:
-        """Gather all ranks' pools to rank 0 and write them as one cache file (all ranks call this)."""
+    def save(self, path: str, checksum: bool = False) -> None:
+        """Gather all ranks' pools to rank 0 and write them as one cache file (all ranks call this);
+        `checksum` for this project's own teacher-state files (`save_cache`)."""
         self._require_pool()
         gathered = gather_to_rank0(self.total_t, self.total_x, self.rank, self.world_size)
         if gathered is not None:
-            save_cache(path, *gathered)
+            save_cache(path, *gathered, checksum=checksum)
             logger.log(f"dynamic batch: wrote {gathered[0].shape[0]} items to {path}")
         if _dist_active(self.world_size):
             dist.barrier()

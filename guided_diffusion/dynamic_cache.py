@@ -8,6 +8,7 @@ its next teacher step is at ``total_t[i] - 1`` (``T`` = fresh noise, ``0`` = a c
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import pickle
 from typing import BinaryIO, NoReturn
@@ -66,8 +67,24 @@ class _CacheUnpickler(pickle.Unpickler):
         raise CacheError(f"{self._path}: refused persistent id in cache file")
 
 
+CHECKSUM_KEY = "sha256"
+
+
+def _digest(total_t: np.ndarray, total_x_t_1: np.ndarray) -> str:
+    """SHA-256 of both arrays' bytes (little-endian int64 steps, then float32 states)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(total_t, dtype="<i8").tobytes())
+    digest.update(np.ascontiguousarray(total_x_t_1, dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
+# x_t = sqrt(alphabar) x0 + sqrt(1 - alphabar) eps with |x0| <= 1: even 1e9 Gaussian draws stay under 7.
+MAX_ABS_STATE = 20.0
+
+
 def validate_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray, T: int | None = None) -> None:
-    """Check dtypes, shapes and (given ``T``) the step range 0..T; raise CacheError naming ``path``."""
+    """Check dtypes, shapes, (given ``T``) the step range 0..T, and that the states are finite and in a sane
+    range; raise CacheError naming ``path``."""
     if not isinstance(total_t, np.ndarray) or not isinstance(total_x_t_1, np.ndarray):
         raise CacheError(f"{path}: total_t and total_x_t_1 must be numpy arrays")
     if total_t.ndim != 1 or total_t.dtype.kind not in "iu":
@@ -84,6 +101,14 @@ def validate_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray, T: i
     if T is not None and total_t.size and (total_t.min() < 0 or total_t.max() > T):
         raise CacheError(
             f"{path}: total_t values span [{total_t.min()}, {total_t.max()}], outside 0..{T} for T={T}"
+        )
+    if total_x_t_1.size and not np.isfinite(total_x_t_1).all():
+        bad = int((~np.isfinite(total_x_t_1)).any(axis=(1, 2, 3)).sum())
+        raise CacheError(f"{path}: {bad} of {total_x_t_1.shape[0]} teacher states hold NaN or inf values")
+    if total_x_t_1.size and np.abs(total_x_t_1).max() > MAX_ABS_STATE:
+        raise CacheError(
+            f"{path}: teacher states reach |x| = {np.abs(total_x_t_1).max():.3g}, beyond {MAX_ABS_STATE} "
+            "(noisy images stay within about 7); the file is corrupt or not a pool of teacher states"
         )
 
 
@@ -106,11 +131,17 @@ def load_cache(path: str, T: int | None = None) -> dict[str, np.ndarray]:
         raise CacheError(f"{path}: missing key(s) {missing}; found {sorted(map(str, obj))}")
     total_t, total_x_t_1 = obj["total_t"], obj["total_x_t_1"]
     validate_cache(path, total_t, total_x_t_1, T)
+    if CHECKSUM_KEY in obj and obj[CHECKSUM_KEY] != _digest(total_t, total_x_t_1):
+        raise CacheError(f"{path}: checksum mismatch; the file changed after it was written (corrupt copy?)")
     return {"total_t": total_t.astype(np.int64, copy=False), "total_x_t_1": total_x_t_1}
 
 
-def save_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray) -> None:
-    """Write a cache in the authors' layout (pickled defaultdict, numpy's own pickling), atomically."""
+def save_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray, checksum: bool = False) -> None:
+    """Write a cache in the authors' layout (pickled defaultdict, numpy's own pickling), atomically.
+
+    `checksum` adds a SHA-256 of the arrays under `sha256`, verified by `load_cache` (this project's own
+    teacher-state files); the authors' loader reads the two arrays and ignores the extra key.
+    """
     path = os.fspath(path)
     total_t = np.ascontiguousarray(np.asarray(total_t), dtype=np.int64)
     total_x_t_1 = np.ascontiguousarray(np.asarray(total_x_t_1), dtype=np.float32)
@@ -118,4 +149,6 @@ def save_cache(path: str, total_t: np.ndarray, total_x_t_1: np.ndarray) -> None:
     payload = collections.defaultdict(None)
     payload["total_t"] = total_t
     payload["total_x_t_1"] = total_x_t_1
+    if checksum:
+        payload[CHECKSUM_KEY] = _digest(total_t, total_x_t_1)
     atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4))

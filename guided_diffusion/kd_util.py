@@ -178,7 +178,8 @@ class KDTrainLoop(TrainLoop):
         return {name: m for name, m in self.extra_losses.items() if isinstance(m, torch.nn.Module)}
 
     def extra_state(self) -> dict:
-        """The pool's mode and size, checked on resume (the pool itself is the teacher-state file)."""
+        """The pool's mode and per-rank size; on resume the mode must match and the teacher-state file must
+        hold exactly ranks x size items (`load_extra_state`)."""
         return {"iter_choice": self.dynamic_batch.iter_choice, "pool_items": self.dynamic_batch.size}
 
     def load_extra_state(self, state: dict) -> None:
@@ -190,12 +191,12 @@ class KDTrainLoop(TrainLoop):
             )
         path = self.resume_files["pool"]
         logger.log(f"restoring the dynamic batch from {path}")
-        self.dynamic_batch.load_slice(path)
+        self.dynamic_batch.load_slice(path, exact=True)
 
     def save_extra_files(self, step: int) -> list[str]:
         """Write the pool (all ranks gathered) as `teacher-state-NNNNNN.cache` beside the checkpoint."""
         path = os.path.join(self.run_dir, POOL_PATTERN.format(step=step))
-        self.dynamic_batch.save(path)
+        self.dynamic_batch.save(path, checksum=True)
         return [path]
 
     def required_resume_patterns(self) -> dict[str, str]:
@@ -207,7 +208,8 @@ class KDTrainLoop(TrainLoop):
         super().run_step(batch, cond)
         at_checkpoint = bool(self.save_interval) and self.step % self.save_interval == 0
         if self.cache_save_interval > 0 and self.step % self.cache_save_interval == 0 and not at_checkpoint:
-            self.dynamic_batch.save(os.path.join(self.run_dir, POOL_PATTERN.format(step=self.step)))
+            path = os.path.join(self.run_dir, POOL_PATTERN.format(step=self.step))
+            self.dynamic_batch.save(path, checksum=True)
 
 
 # --------------------------------------------------------------------------------------------- builders

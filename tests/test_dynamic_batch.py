@@ -245,6 +245,10 @@ def test_cache_slices_and_size_check(teacher_and_diffusion, prepared_state, tmp_
     save_cache(double, np.concatenate([saved["total_t"]] * 2), np.concatenate([saved["total_x_t_1"] + 1] * 2))
     rank1.load_slice(str(double))
     np.testing.assert_array_equal(rank1.total_x.numpy(), saved["total_x_t_1"] + 1)
+    # a resumed pool must be exactly this run's size: a prefix would silently drop items (issue 19)
+    with pytest.raises(CacheError, match=r"resumed pool holds 64 items but this run.s pool is 1 rank"):
+        make_pool(teacher_and_diffusion).load_slice(str(double), exact=True)
+    rank1.load_slice(str(double), exact=True)
 
 
 MPI_SCRIPT = textwrap.dedent(

@@ -89,3 +89,51 @@ def test_missing_key_is_refused(tmp_path):
         pickle.dump({"total_t": np.arange(3)}, f)
     with pytest.raises(CacheError, match="missing key"):
         load_cache(path)
+
+
+def _raw_cache(path, total_t, total_x):
+    """A cache in the authors' layout written without the saver's checks (a broken or foreign file)."""
+    with open(path, "wb") as f:
+        pickle.dump({"total_t": total_t, "total_x_t_1": total_x}, f, protocol=4)
+
+
+def test_non_finite_or_out_of_range_states_are_refused(tmp_path):
+    """Issue 19: a pool full of NaN trained nothing and exited 0; a flipped byte gave states up to 209."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 3, 4, 4)).astype(np.float32)
+    nan = x.copy()
+    nan[2, 0, 1, 1] = np.nan
+    _raw_cache(tmp_path / "nan.cache", np.arange(6), nan)
+    with pytest.raises(CacheError, match=r"nan\.cache: 1 of 6 teacher states hold NaN or inf"):
+        load_cache(tmp_path / "nan.cache", T=10)
+    far = x.copy()
+    far[4, 2, 0, 0] = 209.0
+    _raw_cache(tmp_path / "far.cache", np.arange(6), far)
+    with pytest.raises(CacheError, match=r"far\.cache: teacher states reach \|x\| = 209, beyond 20"):
+        load_cache(tmp_path / "far.cache", T=10)
+    with pytest.raises(CacheError, match="hold NaN"):
+        save_cache(tmp_path / "out.cache", np.arange(6), nan)
+    assert not (tmp_path / "out.cache").exists()
+
+
+def test_checksummed_cache_detects_a_changed_value_and_stays_in_the_authors_layout(tmp_path):
+    """Teacher-state files carry a SHA-256 of their arrays: a value changed inside the sane range (which the
+    range check cannot see) is refused; stock pickle still reads the two arrays."""
+    rng = np.random.default_rng(1)
+    t, x = rng.integers(0, 10, 5), rng.standard_normal((5, 3, 4, 4)).astype(np.float32)
+    path = tmp_path / "teacher-state-000010.cache"
+    save_cache(path, t, x, checksum=True)
+    got = load_cache(path, T=10)
+    np.testing.assert_array_equal(got["total_x_t_1"], x)
+    with open(path, "rb") as f:
+        stock = pickle.load(f)
+    np.testing.assert_array_equal(stock["total_t"], t)
+    changed = x.copy()
+    changed[3, 1, 2, 2] += 0.5
+    with open(path, "rb") as f:
+        payload = pickle.load(f)
+    payload["total_x_t_1"] = changed
+    with open(path, "wb") as f:
+        pickle.dump(payload, f, protocol=4)
+    with pytest.raises(CacheError, match=r"teacher-state-000010\.cache: checksum mismatch"):
+        load_cache(path, T=10)
