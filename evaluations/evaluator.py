@@ -35,6 +35,9 @@ def _statistics(
     """(pool stats, spatial stats or None): ADM's stored mu/sigma/mu_s/sigma_s when allowed, else computed."""
     stored = read_npz_stats(path) if use_precomputed else None
     if stored is not None:
+        bad = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if not np.isfinite(stored[key]).all()]
+        if bad:
+            raise InputError(f"{path}: stored statistics {', '.join(bad)} hold NaN or inf values")
         if stored["mu"].shape[-1] != feats["pool"].shape[1]:
             raise InputError(
                 f"{path}: stored mu has {stored['mu'].shape[-1]} dims, features have {feats['pool'].shape[1]}"

@@ -174,12 +174,16 @@ def _arch_shapes(arch_file: str, mtime: float, learn_sigma: bool) -> tuple[tuple
 
 
 def suggest_arch(state_dict: Mapping[str, Any], arch_dir: PathLike | None = None) -> list[str]:
-    """Names of the `yaml/arch/*.yaml` files (with the learn_sigma setting) whose UNet has exactly the
-    keys and shapes of `state_dict`; archs that cannot be built are skipped."""
-    arch_path = Path(arch_dir) if arch_dir is not None else ARCH_DIR
+    """Arch files (with the learn_sigma setting) whose UNet has exactly the keys and shapes of `state_dict`:
+    `yaml/arch/*.yaml` and the data sets' own `yaml/*/arch/*.yaml` (e.g. the shipped digits teacher's), or the
+    YAMLs in `arch_dir`; archs that cannot be built are skipped."""
+    if arch_dir is not None:
+        files = sorted(Path(arch_dir).glob("*.yaml"))
+    else:
+        files = sorted(ARCH_DIR.glob("*.yaml")) + sorted(ARCH_DIR.parent.glob("*/arch/*.yaml"))
     target = _shapes(state_dict)
     found: list[str] = []
-    for arch_file in sorted(arch_path.glob("*.yaml")):
+    for arch_file in files:
         for learn_sigma in (True, False):
             try:
                 sig = _arch_shapes(str(arch_file), arch_file.stat().st_mtime, learn_sigma)
@@ -187,7 +191,8 @@ def suggest_arch(state_dict: Mapping[str, Any], arch_dir: PathLike | None = None
                 logger.warn(f"could not build arch {arch_file} for comparison: {type(exc).__name__}: {exc}")
                 break
             if dict(sig) == target:
-                found.append(f"{arch_file.name} (learn_sigma={learn_sigma})")
+                name = arch_file.relative_to(ARCH_DIR.parent.parent) if arch_dir is None else arch_file.name
+                found.append(f"{name} (learn_sigma={learn_sigma})")
     return found
 
 
@@ -250,7 +255,7 @@ def load_state_dict_strict(
         if fits:
             lines.append(f"  the checkpoint fits arch {', '.join(fits)}")
         else:
-            lines.append("  the checkpoint fits none of the arch files in yaml/arch/")
+            lines.append("  the checkpoint fits none of the arch files in yaml/arch/ and yaml/*/arch/")
         raise CheckpointMismatchError("\n".join(lines))
     model.load_state_dict(state, strict=True)
 

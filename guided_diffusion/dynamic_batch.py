@@ -165,12 +165,18 @@ class DynamicBatch:
         self.device = torch.device(device)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.size = pool_size(iter_choice, rho, student_timesteps or self.T, self.batch_size)
-        self.index_gen = torch.Generator().manual_seed(self.seed * 1000003 + self.rank)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(self.seed * 1000003 + self.rank + 1)
+        self.index_gen = torch.Generator()
+        self.noise_gen = torch.Generator(device=self.device)
+        self._seed_generators()
         item_bytes = int(np.prod(self.image_shape)) * 4 + 8
         self.pool_device = choose_pool_device(self.size * item_bytes, self.device)
         self.total_t: torch.Tensor | None = None
         self.total_x: torch.Tensor | None = None
+
+    def _seed_generators(self) -> None:
+        """Put the index and noise generators at their start (a function of seed and rank)."""
+        self.index_gen.manual_seed(self.seed * 1000003 + self.rank)
+        self.noise_gen.manual_seed(self.seed * 1000003 + self.rank + 1)
 
     # ----------------------------------------------------------------------------------------------------
     # Teacher steps
@@ -287,6 +293,8 @@ class DynamicBatch:
         else:
             if not os.path.exists(path):
                 self.prepare_and_save(path, progress=progress)
+                # training then draws exactly as a run that finds this file would: same pool, same randomness
+                self._seed_generators()
             self.load_slice(path)
         where = "GPU" if self.pool_device.type == "cuda" else "host memory"
         logger.log(f"dynamic batch: {self.iter_choice}, {self.size} items per rank, pool kept in {where}")

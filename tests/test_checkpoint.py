@@ -234,12 +234,15 @@ def test_mismatch_names_the_arch_the_checkpoint_fits(repo_root: Path, reference_
     assert "0 missing, 0 unexpected" in msg
     assert "input_blocks.0.0.weight: checkpoint [128, 3, 3, 3] vs model [64, 3, 3, 3]" in msg
     assert "more)" in msg
-    assert "fits arch 57M-CNN.yaml (learn_sigma=True)" in msg
+    assert "fits arch yaml/arch/57M-CNN.yaml (learn_sigma=True)" in msg
     no_sigma = {
         k: torch.empty(v.shape, device="meta")
         for k, v in _meta_model(repo_root, "24M-CNN", False).state_dict().items()
     }
-    assert suggest_arch(no_sigma) == ["24M-CNN.yaml (learn_sigma=False)"]
+    assert suggest_arch(no_sigma) == ["yaml/arch/24M-CNN.yaml (learn_sigma=False)"]
+    # the data sets' own arch files are searched too: the shipped digits teacher is found (issue 19)
+    digits = torch.load(repo_root / "model" / "digits16_teacher.pt", map_location="meta", weights_only=True)
+    assert suggest_arch(digits) == ["yaml/digits_16/arch/teacher.yaml (learn_sigma=True)"]
 
 
 def test_parse_step() -> None:

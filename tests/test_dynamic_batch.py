@@ -251,6 +251,18 @@ def test_cache_slices_and_size_check(teacher_and_diffusion, prepared_state, tmp_
     rank1.load_slice(str(double), exact=True)
 
 
+def test_training_draws_do_not_depend_on_where_the_pool_came_from(teacher_and_diffusion, tmp_path):
+    """Issue 19: a run that prepared its pool in-process trained differently from step 2 on than one that
+    loaded the file it had just written. Both now start their draws from the same generator states."""
+    path = str(tmp_path / "pool.cache")
+    prepared, loaded = make_pool(teacher_and_diffusion), make_pool(teacher_and_diffusion)
+    prepared.setup(path, progress=False)
+    loaded.setup(path, progress=False)
+    for _ in range(4):
+        a, b = prepared.draw(), loaded.draw()
+        assert torch.equal(a["t"], b["t"]) and torch.equal(a["x_tm1"], b["x_tm1"])
+
+
 MPI_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -310,3 +310,13 @@ def test_registry_resolves_digits_and_rejects_bad_specs(tmp_path):
         get_feature_extractor("no_such_module_xyz:build", "cpu")
     with pytest.raises(ValueError, match="--tf_graph"):
         get_feature_extractor("tf", "cpu")
+
+
+def test_non_finite_stored_reference_statistics_are_refused(tmp_path):
+    """Issue 19: a NaN `mu` in a reference batch printed `FID: nan` and exited 0."""
+    images = np.random.default_rng(7).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    mu = np.full(2048, np.nan)
+    ref = _npz(tmp_path / "ref.npz", images, mu=mu, sigma=np.eye(2048), mu_s=np.zeros(3), sigma_s=np.eye(3))
+    feats = {"pool": np.zeros((12, 2048)), "spatial": None}
+    with pytest.raises(evaluator.InputError, match=r"ref\.npz: stored statistics mu hold NaN"):
+        evaluator._statistics(ref, feats, use_precomputed=True)
