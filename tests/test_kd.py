@@ -227,7 +227,8 @@ DUMP_PARAMS = textwrap.dedent(
 
 
 @pytest.mark.mpi
-def test_two_ranks_prepare_and_train_in_sync(kd_files, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ranks_prepare_and_train_in_sync(kd_files, tmp_path, ranks):
     _, config = kd_files
     raw = OmegaConf.load(config)
     raw.teacher.tempfile = str(tmp_path / "mpi_pool.cache")
@@ -238,15 +239,20 @@ def test_two_ranks_prepare_and_train_in_sync(kd_files, tmp_path):
     run = tmp_path / "run"
     args = [str(tmp_path), "--config", str(mpi_config), "--exp_dir", str(run), "--max_steps", "2",
             "--save_interval", "2"]
-    _run(str(wrapper), args, mpi=2)  # the cache is absent: both ranks prepare it first
-    n_per_rank = round(0.4 * 20) * 2
+    _run(str(wrapper), args, mpi=ranks, timeout=300)  # the cache is absent: every rank prepares its share
+    per_rank = 4 // ranks  # student batch 4 split over the ranks
+    n_per_rank = round(0.4 * 20) * per_rank
     pool = load_cache(tmp_path / "mpi_pool.cache", T=20)
-    assert pool["total_t"].shape[0] == 2 * n_per_rank
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert pool["total_t"].shape[0] == ranks * n_per_rank
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+    assert all(torch.equal(states[0][k], other[k]) for other in states[1:] for k in states[0])
     saved = load_cache(run / "teacher-state-000002.cache", T=20)
-    assert saved["total_t"].shape[0] == 2 * n_per_rank
+    assert saved["total_t"].shape[0] == ranks * n_per_rank
     moved = saved["total_t"] != pool["total_t"]
-    # 2 steps x 2 drawn items per rank, each rank in its own slice (an item may be drawn twice)
-    assert 2 <= moved[:n_per_rank].sum() <= 4 and 2 <= moved[n_per_rank:].sum() <= 4
+    # 2 steps x per_rank drawn items per rank, each rank in its own slice (an item may be drawn twice)
+    for r in range(ranks):
+        assert 1 <= moved[r * n_per_rank : (r + 1) * n_per_rank].sum() <= 2 * per_rank
+    if ranks == 4:  # a 4-rank checkpoint resumes onto 2 ranks: same global batch, so the same pool size
+        _run("scripts/image_kd.py", ["--config", str(mpi_config), "--resume_checkpoint", str(run),
+                                     "--max_steps", "4", "--save_interval", "2"], mpi=2, timeout=300)
+        assert load_cache(run / "teacher-state-000004.cache", T=20)["total_t"].shape[0] == 4 * n_per_rank
