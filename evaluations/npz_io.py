@@ -80,11 +80,37 @@ def read_image_npz(path: str | os.PathLike, key: str = "arr_0") -> np.ndarray:
     with _open_npz(path) as data:
         if key not in data.files:
             raise InputError(f"{path}: no '{key}' array (found {sorted(data.files)})")
+        _check_declared_size(path, key)
         try:
             arr = data[key]
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise InputError(f"{path}: '{key}' cannot be read, the file may be truncated ({exc})") from exc
     return check_images(arr, str(path))
+
+
+def _check_declared_size(path: Path, key: str) -> None:
+    """Refuse an array whose header declares more bytes than its zip member holds, before numpy allocates
+    them (a corrupt header once claimed 286 GiB and ended in a MemoryError)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{key}.npy")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = {
+                    (1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0
+                }.get(version)
+                if read_header is None:
+                    return
+                shape, _, dtype = read_header(member)
+                declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                available = info.file_size - member.tell()
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError):
+        return  # not a plain .npy member: numpy's own reader reports the problem
+    if not dtype.hasobject and declared > available:
+        raise InputError(
+            f"{path}: '{key}' declares shape {tuple(shape)} {dtype} ({declared / 2**30:.3g} GiB) but the "
+            f"file holds {available} bytes for it; the header is corrupt"
+        )
 
 
 def read_npz_stats(path: str | os.PathLike) -> dict[str, np.ndarray] | None:

@@ -6,6 +6,7 @@ benchmark JSON) goes through `atomic_write`, so there is one place that knows ho
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -48,13 +49,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if _disk_full(exc):
+            message = f"disk full: no space left to write {path}; the previous file is kept"
+            raise OSError(errno.ENOSPC, message) from exc
         raise
     fsync_dir(dirpath)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether an exception or anything it chains to is ENOSPC (torch.save wraps it in a RuntimeError)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import logger
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif")
 
 
@@ -158,6 +160,7 @@ class ImageBatchIterator:
         self.num_shards = num_shards
         self.epoch = 0
         self.position = 0
+        self.unreadable: set[int] = set()
         self._order, self._flips = self._epoch_plan(0)
 
     def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,14 +187,28 @@ class ImageBatchIterator:
         self.position += self.batch_size
         items = self.indices[picks]
         images = []
-        for idx, flip in zip(items, flips, strict=True):
-            arr = self.source.image(int(idx))
+        for slot, (pick, flip) in enumerate(zip(picks, flips, strict=True)):
+            items[slot], arr = self._readable(int(pick))
             images.append(arr[:, ::-1] if flip else arr)
         batch = np.stack(images).astype(np.float32) / 127.5 - 1.0
         cond = {}
         if self.source.labels is not None:
             cond["y"] = torch.from_numpy(self.source.labels[items])
         return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))), cond
+
+    def _readable(self, pick: int) -> tuple[int, np.ndarray]:
+        """(source index, image) for shard position `pick`. An unreadable file is skipped with a warning and
+        the next readable one in shard order takes its place: batches, and so resumes, stay deterministic."""
+        n = len(self.indices)
+        for offset in range(n):
+            idx = int(self.indices[(pick + offset) % n])
+            try:
+                return idx, self.source.image(idx)
+            except DataError as exc:
+                if idx not in self.unreadable:
+                    self.unreadable.add(idx)
+                    logger.warn(f"skipping an unreadable image ({len(self.unreadable)} so far): {exc}")
+        raise DataError(f"none of the {n} images of this rank's shard can be read")
 
     def state_dict(self) -> dict:
         """Position in the endless stream (epoch, offset) plus what defines the order, for exact resume."""

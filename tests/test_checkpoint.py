@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from guided_diffusion import logger
+from guided_diffusion.atomic_io import atomic_write
 from guided_diffusion.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
@@ -75,6 +76,27 @@ _WRITER = textwrap.dedent(
             print("saved", flush=True)
     """
 )
+
+
+def test_disk_full_is_named_in_one_line_and_the_old_file_kept(tmp_path: Path) -> None:
+    """Issue 19: torch.save on a full disk ended in an inline_container error, ENOSPC only in the chain."""
+    import errno
+
+    target = tmp_path / "model000002.pt"
+    atomic_torch_save({"w": torch.ones(2)}, target)
+
+    def full_disk(handle):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed") from exc
+
+    with pytest.raises(OSError) as info:
+        atomic_write(target, full_disk)
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value).endswith(f"disk full: no space left to write {target}; the previous file is kept")
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["model000002.pt"]
 
 
 @pytest.mark.timeout(60)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +322,18 @@ def test_non_finite_stored_reference_statistics_are_refused(tmp_path):
     feats = {"pool": np.zeros((12, 2048)), "spatial": None}
     with pytest.raises(evaluator.InputError, match=r"ref\.npz: stored statistics mu hold NaN"):
         evaluator._statistics(ref, feats, use_precomputed=True)
+
+
+def test_npz_header_claiming_more_than_the_file_holds_is_refused_before_allocating(tmp_path, capsys):
+    """Issue 19: an npz whose header claimed 286 GiB died with a MemoryError."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (100_000_000, 32, 32, 3)}
+    )
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("arr_0.npy", header.getvalue() + bytes(100))
+    ok = _npz(tmp_path / "ok.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    assert evaluator.main([ok, str(tmp_path / "huge.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'huge.npz'}: 'arr_0' declares shape (100000000, 32, 32, 3)")
+    assert "286 GiB" in err and "\n" not in err
