@@ -250,7 +250,7 @@ def load_teacher(section: Mapping[str, Any], device: torch.device) -> tuple[torc
     if not section["model_path"]:
         raise KDSetupError("teacher.model_path is empty: DKDM needs a pretrained teacher checkpoint")
     model, diffusion = build_model_and_diffusion(section, device)
-    load_model_weights(model, section["model_path"])
+    load_model_weights(model, section["model_path"], section)
     model.eval().requires_grad_(False)
     return model, diffusion
 

@@ -13,6 +13,8 @@ import os
 import socket
 from typing import IO
 
+from .checkpoint import remove_stale_temp_files
+
 LOCK_NAME = ".run.lock"
 CHECKPOINT_PATTERNS = ("latest", "model[0-9]*.pt", "ema_*_[0-9]*.pt", "opt[0-9]*.pt")
 
@@ -53,6 +55,7 @@ def claim_run_dir(run_dir: str, resuming: bool) -> str | None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _held[run_dir] = handle
+    remove_stale_temp_files(run_dir)  # we hold the dir: any temp file in it is a killed writer's
     return None
 
 

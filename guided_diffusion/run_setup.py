@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import dist_util, logger
-from .checkpoint import load_state_dict_strict, safe_torch_load, unwrap_state_dict
+from .checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load, unwrap_state_dict
 from .config import SOURCE_KEY, model_and_diffusion_kwargs, primary_section, save_config, validate_world_size
 from .run_lock import claim_run_dir
 from .script_util import create_model_and_diffusion
@@ -88,10 +88,45 @@ def build_model_and_diffusion(
     return model.to(device), diffusion
 
 
-def load_model_weights(model: torch.nn.Module, path: str) -> None:
+# Settings that change what a UNet computes or how its output is read without changing any weight's shape.
+SHAPE_BLIND_KEYS = (
+    "use_new_attention_order", "num_heads", "num_head_channels", "num_heads_upsample", "noise_schedule",
+    "diffusion_steps", "predict_xstart", "rescale_learned_sigmas", "rescale_timesteps",
+)
+
+
+def recorded_setting_differences(path: str, section: Mapping[str, Any]) -> list[str]:
+    """`key: trained X, now Y` for each shape-blind setting where `section` differs from the config.yaml that
+    this project saved in the checkpoint's run dir (the student's section of a KD run); [] without one."""
+    from omegaconf import OmegaConf
+
+    recorded_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
+    if not os.path.isfile(recorded_path):
+        return []
+    recorded = OmegaConf.to_container(OmegaConf.load(recorded_path), resolve=True)
+    if not isinstance(recorded, dict):
+        return []
+    if isinstance(recorded.get("student"), dict):
+        recorded = recorded["student"]
+    return [
+        f"{key}: trained {recorded[key]!r}, now {section[key]!r}"
+        for key in SHAPE_BLIND_KEYS
+        if key in recorded and key in section and recorded[key] != section[key]
+    ]
+
+
+def load_model_weights(model: torch.nn.Module, path: str, section: Mapping[str, Any] | None = None) -> None:
     """Load a checkpoint into `model` strictly; errors name the file and the mismatching keys. Training-only
     state of a method (keys under `METHOD_STATE_PREFIXES`, e.g. TCCD's heads) is dropped, with a log line,
-    unless `model` itself has such keys; any other unexpected key still fails."""
+    unless `model` itself has such keys; any other unexpected key still fails. With `section`, a checkpoint
+    whose run dir recorded other shape-blind settings (`SHAPE_BLIND_KEYS`) is refused, the keys named."""
+    if section is not None:
+        differences = recorded_setting_differences(path, section)
+        if differences:
+            raise CheckpointError(
+                f"{path} was trained with other settings that shapes cannot show ({'; '.join(differences)}); "
+                "use the run's values"
+            )
     state, notes = unwrap_state_dict(safe_torch_load(path), path)
     for note in notes:
         logger.log(f"note: {note}")

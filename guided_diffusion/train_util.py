@@ -8,6 +8,7 @@ import copy
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,16 @@ if TYPE_CHECKING:
     from .resample import ScheduleSampler
 
 LR_SCHEDULES = ("constant", "cosine")
+
+
+_EMA_FILE = re.compile(r"ema_(.+)_\d+\.pt$")
+
+
+def saved_ema_rates(run_dir: str) -> set[str]:
+    """The EMA rates a run dir holds files for (`ema_<rate>_NNNNNN.pt`), as written in the names."""
+    if not os.path.isdir(run_dir):
+        return set()
+    return {m.group(1) for name in os.listdir(run_dir) if (m := _EMA_FILE.match(name))}
 
 
 def parse_ema_rates(ema_rate: float | str | Iterable[float]) -> list[float]:
@@ -481,6 +492,13 @@ class TrainLoop:
             ema_rates=self.ema_rate, extra_patterns=self.required_resume_patterns(),
         )
         if found is None:
+            saved = saved_ema_rates(path)
+            wanted = {str(rate) for rate in self.ema_rate}
+            if saved and not wanted <= saved:
+                raise FileNotFoundError(
+                    f"{path}: the run's EMA files have rate(s) {', '.join(sorted(saved))} but ema_rate is "
+                    f"{', '.join(sorted(wanted))}; resume with the run's ema_rate"
+                )
             raise FileNotFoundError(f"{path}: no complete checkpoint set to resume from")
         logger.log(f"resuming from step {found.step} in {found.run_dir}")
         if dist_util.is_main_process():

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     check_diffusions(teacher_diffusion, student_diffusion)
     if student_s.model_path and not student_s.resume_checkpoint:
         logger.log(f"initializing the student from {student_s.model_path}")
-        load_model_weights(student, student_s.model_path)
+        load_model_weights(student, student_s.model_path, student_s)
     relational = build_relational_term(cfg, student, teacher, args.classifier_path or "", device)
     pool = make_dynamic_batch(teacher_s, student_s, teacher, teacher_diffusion, student_diffusion, device)
     loop_class, method_kwargs = kd_loop_for(cfg)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = start_run("sample", cfg, args, split_batch=False)
     out_dir = args.output_dir or run_dir
     model, diffusion = build_model_and_diffusion(section, dist_util.dev())
-    load_model_weights(model, section.model_path)
+    load_model_weights(model, section.model_path, section)
     model.eval()
     result = sample_images_and_labels(
         model, diffusion, num_samples=section.num_samples, batch_size=section.batch_size,

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     model, diffusion = build_model_and_diffusion(section, dist_util.dev())
     if section.model_path and not section.resume_checkpoint:
         logger.log(f"initializing from {section.model_path}")
-        load_model_weights(model, section.model_path)
+        load_model_weights(model, section.model_path, section)
     per_rank_batch = section.batch_size // dist_util.get_world_size()
     data = load_data(
         data_dir=section.data_dir, batch_size=per_rank_batch, image_size=section.image_size,

@@ -17,7 +17,7 @@ import torch
 from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from evaluations import evaluator
-from guided_diffusion.checkpoint import CheckpointMismatchError, load_state_dict_strict
+from guided_diffusion.checkpoint import CheckpointError, CheckpointMismatchError, load_state_dict_strict
 from guided_diffusion.config import ConfigError, load_config, model_and_diffusion_kwargs
 from guided_diffusion.dynamic_cache import CacheError, load_cache, save_cache
 from guided_diffusion.image_datasets import DataError, load_data
@@ -299,3 +299,26 @@ def test_bad_evaluator_npz_is_one_line_error_and_untouched(tmp_path, monkeypatch
         assert code == 2 and len(err.splitlines()) == 1 and str(path.name) in err, (name, err)
         assert before == {p: _fingerprint(p) for p in (ref, path)}, name
 
+
+
+def test_sampling_with_settings_shapes_cannot_show_is_refused(tmp_path):
+    """Issue 19: use_new_attention_order, num_head_channels or noise_schedule changed after training kept
+    every shape, so the teacher loaded and sampled wrong images. The run dir's config.yaml is compared now."""
+    from guided_diffusion.config import save_config
+    from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights
+
+    cfg = load_config(REPO / "tests" / "configs" / "tiny_baseline.yaml")
+    model, _ = build_model_and_diffusion(cfg, "cpu")
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(model.state_dict(), run / "ema_0.9999_000010.pt")
+    save_config(cfg, run / "config.yaml")
+    load_model_weights(model, str(run / "ema_0.9999_000010.pt"), cfg)  # the same settings load
+    flipped = {"use_new_attention_order": not cfg.use_new_attention_order, "noise_schedule": "linear"}
+    changed = load_config(REPO / "tests" / "configs" / "tiny_baseline.yaml", flipped)
+    other, _ = build_model_and_diffusion(changed, "cpu")
+    with pytest.raises(CheckpointError) as info:
+        load_model_weights(other, str(run / "ema_0.9999_000010.pt"), changed)
+    message = str(info.value)
+    assert "\n" not in message and "use_new_attention_order: trained" in message
+    assert "noise_schedule: trained 'cosine', now 'linear'" in message

@@ -102,3 +102,14 @@ def test_image_kd_refuses_a_second_writer_and_a_fresh_run_over_a_finished_one(tm
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix == ".pt"} == before
+
+
+def test_claiming_a_dir_removes_a_killed_writers_temp_files(tmp_path):
+    """Issue 19: a kill before the first checkpoint left temp files that nothing removed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".model000002.pt.abc123.tmp").write_bytes(b"partial")
+    (run_dir / "notes.txt").write_text("kept")
+    assert claim_run_dir(str(run_dir), resuming=False) is None
+    assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "notes.txt"]
+    release_run_dir(str(run_dir))

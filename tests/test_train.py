@@ -1,6 +1,7 @@
 """Training loop: checkpoints, exact resume, DDP parameter sync, non-finite step handling."""
 
 import csv
+import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -172,3 +173,13 @@ def test_lr_schedules(tmp_path):
     assert cosine.current_lr() == pytest.approx(0.5e-3)
     with pytest.raises(ValueError, match="max_steps"):
         _loop(tmp_path / "bad", lr_schedule="cosine", max_steps=0)
+
+
+def test_resume_with_another_ema_rate_names_the_saved_rates(tmp_path):
+    """Issue 19: changing ema_rate on resume said only "no complete checkpoint set"."""
+    first = _loop(tmp_path, ema_rate="0.9", max_steps=2, save_interval=2)
+    first.run_loop()
+    run_dir = first.run_dir
+    assert os.path.isfile(os.path.join(run_dir, "ema_0.9_000002.pt"))
+    with pytest.raises(FileNotFoundError, match=r"EMA files have rate\(s\) 0\.9 but ema_rate is 0\.99"):
+        _loop(tmp_path / "again", ema_rate="0.99", resume_checkpoint=run_dir)
