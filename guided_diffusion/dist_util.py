@@ -231,6 +231,9 @@ def load_state_dict(path: str, map_location: Any = "cpu") -> Any:
 
 
 def cleanup() -> None:
-    """Leave the process group (idempotent)."""
+    """Leave the process group (idempotent), after every rank got here: a rank tearing gloo down while a peer
+    still talks to it is the likely source of a rare "terminate called without an active exception"."""
     if _active():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -286,8 +286,18 @@ def make_dynamic_batch(
 
 
 def check_tempfile(teacher_section: Mapping[str, Any]) -> str:
-    """The pool cache path, required for every mode that prepares a pool."""
+    """The pool cache path, required for every mode that prepares a pool; a path to be written must be in a
+    writable folder."""
     path = str(teacher_section["tempfile"])
     if not path and teacher_section["iter_choice"] != ITERATIVE:
         raise KDSetupError(f"teacher.tempfile is empty; {teacher_section['iter_choice']} needs a cache path")
+    if path and not os.path.exists(path):
+        # the pool is written here after it is computed: find out now, not after the teacher's work
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise KDSetupError(f"teacher.tempfile {path}: cannot create its folder: {exc.strerror}") from None
+        if not os.access(folder, os.W_OK):
+            raise KDSetupError(f"teacher.tempfile {path}: its folder {folder} is not writable")
     return path

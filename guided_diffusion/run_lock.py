@@ -35,8 +35,11 @@ def claim_run_dir(run_dir: str, resuming: bool) -> str | None:
     run_dir = os.path.abspath(run_dir)
     if run_dir in _held:
         return None
-    os.makedirs(run_dir, exist_ok=True)
-    handle = open(os.path.join(run_dir, LOCK_NAME), "a+")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        handle = open(os.path.join(run_dir, LOCK_NAME), "a+")
+    except OSError as exc:
+        return f"cannot write to run dir {run_dir} ({exc.strerror})"
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -15,7 +15,13 @@ from guided_diffusion.compile_util import FastPath, fast_frozen
 from guided_diffusion.config import build_arg_parser, model_and_diffusion_kwargs, parse_config_args
 from guided_diffusion.dynamic_batch import DYNAMIC, pool_size
 from guided_diffusion.dynamic_cache import CacheError, load_cache
-from guided_diffusion.kd_util import check_sections, check_tempfile, load_teacher, make_dynamic_batch
+from guided_diffusion.kd_util import (
+    KDSetupError,
+    check_sections,
+    check_tempfile,
+    load_teacher,
+    make_dynamic_batch,
+)
 from guided_diffusion.run_setup import add_run_arguments, start_run
 from guided_diffusion.script_util import create_gaussian_diffusion
 
@@ -58,12 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_config_args(parser, argv)
     if "teacher" not in cfg:
         parser.exit(2, f"{parser.prog}: error: {args.config} is not a KD config (no teacher: section)\n")
-    check_sections(cfg.teacher, cfg.student)
+    try:
+        check_sections(cfg.teacher, cfg.student)
+        path = check_tempfile(cfg.teacher)
+    except KDSetupError as exc:
+        parser.exit(2, f"{parser.prog}: error: {args.config}: {exc}\n")
     if cfg.teacher.iter_choice != DYNAMIC:
         parser.exit(2, f"{parser.prog}: error: {args.config}: teacher.iter_choice is "
                     f"{cfg.teacher.iter_choice}; only {DYNAMIC} prepares a cache (the shuffled mode reads "
                     "the first batch of the dynamic cache, the iterative one starts from noise)\n")
-    path = check_tempfile(cfg.teacher)
     start_run("prepare", cfg, args)
     student_diffusion = student_diffusion_of(cfg.student)
     need = dist_util.get_world_size() * pool_size(

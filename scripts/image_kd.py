@@ -15,6 +15,7 @@ from __future__ import annotations
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
 from guided_diffusion.kd_util import (
+    KDSetupError,
     check_diffusions,
     check_sections,
     check_tempfile,
@@ -56,8 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     if "teacher" not in cfg:
         parser.exit(2, f"{parser.prog}: error: {args.config} is not a KD config (no teacher: section)\n")
     teacher_s, student_s = cfg.teacher, cfg.student
-    check_sections(teacher_s, student_s)
-    tempfile = check_tempfile(teacher_s)
+    try:
+        check_sections(teacher_s, student_s)
+        tempfile = check_tempfile(teacher_s)
+    except KDSetupError as exc:
+        parser.exit(2, f"{parser.prog}: error: {args.config}: {exc}\n")
     run_dir = start_run("kd", cfg, args)
     if args.resume_step:
         logger.log(f"resume {args.resume_step} of this config (--resume_step)")

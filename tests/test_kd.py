@@ -256,3 +256,18 @@ def test_ranks_prepare_and_train_in_sync(kd_files, tmp_path, ranks):
         _run("scripts/image_kd.py", ["--config", str(mpi_config), "--resume_checkpoint", str(run),
                                      "--max_steps", "4", "--save_interval", "2"], mpi=2, timeout=300)
         assert load_cache(run / "teacher-state-000004.cache", T=20)["total_t"].shape[0] == 4 * n_per_rank
+
+
+def test_unwritable_pool_path_is_refused_before_the_teacher_runs(kd_files, tmp_path):
+    """Issue 19: a tempfile that cannot be written was found only after the whole pool was computed."""
+    root, _ = kd_files
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    config = write_kd_yaml(tmp_path / "kd.yaml", root / "teacher.pt", blocker / "pool.cache")
+    for script in ("scripts/dynamic_prepare.py", "scripts/image_kd.py"):
+        cmd = [PY, script, "--config", str(config), "--exp_dir", str(tmp_path / "run")]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert f"teacher.tempfile {blocker / 'pool.cache'}: cannot create its folder" in proc.stderr
+        assert not (tmp_path / "run").exists()
