@@ -224,11 +224,14 @@ class DynamicBatch:
     # ----------------------------------------------------------------------------------------------------
     # Pool setup
 
-    def prepare(self, progress: bool = True) -> None:
+    def prepare(self, progress: bool = True, pad_to_full: bool | None = None) -> None:
         """Fill the pool: noise advanced by the teacher to per-item end steps (balanced over ranks).
 
-        The iterative mode starts all B items at fresh noise instead. Items are processed in order of their
-        end step, so finished items leave the active set and cost no more teacher calls.
+        Every teacher call takes the first `teacher_batch_size` unfinished items, each at its own timestep
+        (as the authors' `manage_denoise_fn`), so calls stay full-size until the last items; with
+        `pad_to_full` (default: on CUDA, where one shape serves one compiled graph) the tail calls are padded
+        to full size with repeats whose results are dropped. Each item still ends exactly at its end step.
+        The iterative mode starts all B items at fresh noise instead.
         """
         self._allocate(self.size)
         self.total_t.fill_(self.T)
@@ -237,20 +240,26 @@ class DynamicBatch:
             self.total_x[start:stop] = self._noise(stop - start).to(self.pool_device)
         if self.iter_choice == ITERATIVE:
             return
+        pad = self.device.type == "cuda" if pad_to_full is None else pad_to_full
         ends = balanced_end_steps(self.size, self.world_size, self.T, self.seed)[self.rank]
-        order = torch.argsort(ends, stable=True)
-        sorted_ends = ends[order]
-        steps = int((self.T - ends).sum())
-        bar = tqdm(total=steps, desc="dynamic batch", disable=not progress or self.rank != 0, ncols=80)
-        for t in range(self.T - 1, int(sorted_ends[0]) - 1, -1):
-            active = int(torch.searchsorted(sorted_ends, t, right=True))
-            for start in range(0, active, self.teacher_batch_size):
-                idx = self._to(order[start : min(active, start + self.teacher_batch_size)], self.pool_device)
-                x = self.total_x[idx].to(self.device, non_blocking=True)
-                tt = torch.full((idx.numel(),), t, dtype=torch.int64, device=self.device)
-                x_tm1, _ = self.teacher_step(x, tt)
-                self.total_x[idx] = x_tm1.to(self.pool_device)
-                bar.update(idx.numel())
+        steps = self.total_t.clone()
+        bar = tqdm(total=int((self.T - ends).sum()), desc="dynamic batch",
+                   disable=not progress or self.rank != 0, ncols=80)
+        while True:
+            unfinished = (steps > ends).nonzero().flatten()
+            if unfinished.numel() == 0:
+                break
+            idx = unfinished[: self.teacher_batch_size]
+            n = idx.numel()
+            if pad and n < self.teacher_batch_size:
+                idx = idx[torch.arange(self.teacher_batch_size) % n]
+            x = self.total_x[self._to(idx, self.pool_device)].to(self.device, non_blocking=True)
+            t = steps[idx] - 1
+            x_tm1, _ = self.teacher_step(x, self._to(t, self.device))
+            real = self._to(idx[:n], self.pool_device)
+            self.total_x[real] = x_tm1[:n].to(self.pool_device)
+            steps[idx[:n]] -= 1
+            bar.update(n)
         bar.close()
         self.total_t.copy_(ends)
 

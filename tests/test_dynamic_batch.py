@@ -119,6 +119,43 @@ def test_prepare_reaches_end_steps_with_only_needed_teacher_calls(teacher_and_di
     assert len(np.unique(state["total_x_t_1"].reshape(n, -1), axis=0)) == n
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_prepare_fills_every_teacher_call_with_mixed_timesteps(teacher_and_diffusion, pad):
+    """Issue 17: the pool advanced one timestep at a time, so the active set shrank and every teacher call had
+    a new batch size. Calls now take the first unfinished items whatever their timesteps: full-size until
+    the last items (exactly one size with padding), and every item still ends at its own end step."""
+    teacher, diffusion = teacher_and_diffusion
+    sizes, timesteps = [], []
+    forward = teacher.forward
+
+    def recording(x, t, **kwargs):
+        sizes.append(x.shape[0])
+        timesteps.append(t.unique().numel())
+        return forward(x, t, **kwargs)
+
+    teacher.forward = recording
+    try:
+        pool = make_pool(teacher_and_diffusion)
+        pool.prepare(progress=False, pad_to_full=pad)
+    finally:
+        del teacher.forward
+    n = round(0.4 * 20) * B
+    ends = balanced_end_steps(n, 1, diffusion.num_timesteps, seed=0)[0]
+    assert torch.equal(pool.total_t, ends)
+    needed = int((diffusion.num_timesteps - ends).sum())
+    assert pool.teacher_batch_size == 8 and sizes[0] == 8
+    if pad:
+        assert set(sizes) == {8}
+    else:
+        assert sum(sizes) == needed
+        first_short = next((i for i, size in enumerate(sizes) if size < 8), len(sizes))
+        tail = sizes[first_short:]
+        assert sizes[:first_short] == [8] * first_short  # full-size until the last items
+        assert tail == sorted(tail, reverse=True) and len(tail) < diffusion.num_timesteps
+    assert max(timesteps) > 1  # calls mix timesteps
+    assert len(sizes) <= -(-needed // 8) + 20  # about total steps / batch, not one call per timestep
+
+
 def test_draw_advances_exactly_the_drawn_items(teacher_and_diffusion, prepared_state):
     teacher, diffusion = teacher_and_diffusion
     pool = prepared_pool(teacher_and_diffusion, prepared_state)
