@@ -693,6 +693,11 @@ class GaussianDiffusion:
         instead. `input_perturb` > 0 replaces x_t by x_t + input_perturb * sqrt(1 - alphabar_t) * noise
         for everything the student sees.
         """
+        if isinstance(t, dict):
+            raise TypeError(
+                "training_losses_kd got the teacher's step as t: the positional order is the DKDM authors' "
+                "(model, x_tm1, x_t, t, out); pass x_t=, t=, out= by keyword otherwise"
+            )
         if teacher_out is not None and out is not None:
             raise TypeError("training_losses_kd got both out and teacher_out; pass the teacher's step once")
         out = teacher_out if out is None else out

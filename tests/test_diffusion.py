@@ -158,6 +158,8 @@ def test_kd_clip_flags_clamp_the_students_x0_where_the_authors_do():
     assert every[0] == last[0] and every[1] != plain[1]
     with pytest.raises(TypeError, match="both"):
         diffusion.training_losses_kd(student, None, x_t, t, teacher, teacher_out=teacher)
+    with pytest.raises(TypeError, match="positional order is the DKDM authors'"):
+        diffusion.training_losses_kd(student, x_t, t, teacher)  # the old (model, x_t, t, teacher_out) order
 
 
 # ------------------------------------------------------------------ diffusion math
