@@ -300,6 +300,17 @@ def role_file_names(
     return names
 
 
+_EMA_FILE = re.compile(r"ema_(.+)_\d+\.pt$")
+
+
+def saved_ema_rates(run_dir: PathLike) -> set[str]:
+    """The EMA rates a run dir holds files for (`ema_<rate>_NNNNNN.pt`), as written in the names."""
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        return set()
+    return {m.group(1) for name in os.listdir(run_dir) if (m := _EMA_FILE.match(name))}
+
+
 @dataclass(frozen=True)
 class ResumeSet:
     """A complete checkpoint set: the step and the file path of each role ("model", "opt", "ema_<rate>",

@@ -26,11 +26,12 @@ def holds_checkpoints(run_dir: str) -> bool:
     return any(glob.glob(os.path.join(glob.escape(run_dir), pattern)) for pattern in CHECKPOINT_PATTERNS)
 
 
-def claim_run_dir(run_dir: str, resuming: bool) -> str | None:
+def claim_run_dir(run_dir: str, allow_checkpoints: bool) -> str | None:
     """Lock `run_dir` for this process; return None, or a one-line reason why this run must not write there.
 
-    Refused: a dir another live process holds, and a fresh (not resuming) training run into a dir that
-    already holds checkpoints, which it would overwrite and whose `latest` it would rewind.
+    Refused: a dir another live process holds, and, unless `allow_checkpoints` (a resume, or a run that
+    writes no checkpoints), a dir that already holds checkpoints, which a fresh training run would overwrite
+    and whose `latest` it would rewind.
     """
     run_dir = os.path.abspath(run_dir)
     if run_dir in _held:
@@ -47,7 +48,7 @@ def claim_run_dir(run_dir: str, resuming: bool) -> str | None:
         owner = handle.read().strip() or "another process"
         handle.close()
         return f"run dir {run_dir} is in use by {owner}; one run writes to a run dir at a time"
-    if not resuming and holds_checkpoints(run_dir):
+    if not allow_checkpoints and holds_checkpoints(run_dir):
         handle.close()
         return (
             f"run dir {run_dir} already holds a run's checkpoints; pass --resume_checkpoint {run_dir} "

@@ -64,8 +64,8 @@ def start_run(kind: str, cfg: DictConfig, args: argparse.Namespace, split_batch:
     seed_everything(int(section.get("seed", 0)) + rank)
     resume = section.get("resume_checkpoint") or None
     run_dir = choose_run_dir(kind, cfg, getattr(args, "exp_dir", None), resume)
-    may_overwrite = bool(resume) or kind not in TRAINING_KINDS
-    refusal = claim_run_dir(run_dir, resuming=may_overwrite) if rank == 0 else None
+    allow_checkpoints = bool(resume) or kind not in TRAINING_KINDS
+    refusal = claim_run_dir(run_dir, allow_checkpoints) if rank == 0 else None
     run_dir, refusal = dist_util.broadcast_object((run_dir, refusal))
     if refusal:
         raise SystemExit(f"error: {refusal}")

@@ -8,7 +8,6 @@ import copy
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from .checkpoint import (
     load_state_dict_strict,
     remove_stale_temp_files,
     safe_torch_load,
+    saved_ema_rates,
     write_latest,
 )
 from .compile_util import FastPath, fast_trained
@@ -35,16 +35,6 @@ if TYPE_CHECKING:
     from .resample import ScheduleSampler
 
 LR_SCHEDULES = ("constant", "cosine")
-
-
-_EMA_FILE = re.compile(r"ema_(.+)_\d+\.pt$")
-
-
-def saved_ema_rates(run_dir: str) -> set[str]:
-    """The EMA rates a run dir holds files for (`ema_<rate>_NNNNNN.pt`), as written in the names."""
-    if not os.path.isdir(run_dir):
-        return set()
-    return {m.group(1) for name in os.listdir(run_dir) if (m := _EMA_FILE.match(name))}
 
 
 def parse_ema_rates(ema_rate: float | str | Iterable[float]) -> list[float]:

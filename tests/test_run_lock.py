@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 from script_env import ENV, PY, REPO, write_kd_yaml, write_tiny_checkpoints
@@ -17,27 +19,35 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from guided_diffusion.run_lock import claim_run_dir
-    assert claim_run_dir(sys.argv[1], resuming=True) is None
+    assert claim_run_dir(sys.argv[1], allow_checkpoints=True) is None
     print("locked", flush=True)
     time.sleep(120)
     """
 )
 
 
-def test_a_live_owner_blocks_and_a_dead_one_does_not(tmp_path):
-    run_dir = tmp_path / "run"
+@contextlib.contextmanager
+def _held_by_another_process(run_dir: Path) -> Iterator[subprocess.Popen]:
+    """A live process that holds `run_dir`'s lock until the block ends, then is SIGKILLed."""
     holder = subprocess.Popen(
         [PY, "-c", HOLDER, str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        refusal = claim_run_dir(str(run_dir), resuming=True)
-        assert refusal is not None and "\n" not in refusal
-        assert f"in use by pid {holder.pid}" in refusal and str(run_dir) in refusal
+        yield holder
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert claim_run_dir(str(run_dir), resuming=True) is None  # the OS released the killed owner's lock
+
+
+def test_a_live_owner_blocks_and_a_dead_one_does_not(tmp_path):
+    run_dir = tmp_path / "run"
+    with _held_by_another_process(run_dir) as holder:
+        refusal = claim_run_dir(str(run_dir), allow_checkpoints=True)
+        assert refusal is not None and "\n" not in refusal
+        assert f"in use by pid {holder.pid}" in refusal and str(run_dir) in refusal
+    # the OS released the killed owner's lock
+    assert claim_run_dir(str(run_dir), allow_checkpoints=True) is None
     release_run_dir(str(run_dir))
 
 
@@ -46,10 +56,10 @@ def test_fresh_run_into_a_dir_with_checkpoints_is_refused(tmp_path):
     run_dir.mkdir()
     (run_dir / "model000004.pt").write_bytes(b"weights")
     (run_dir / "latest").write_text("4\n")
-    refusal = claim_run_dir(str(run_dir), resuming=False)
+    refusal = claim_run_dir(str(run_dir), allow_checkpoints=False)
     assert refusal is not None and "already holds a run's checkpoints" in refusal
     assert "--resume_checkpoint" in refusal
-    assert claim_run_dir(str(run_dir), resuming=True) is None
+    assert claim_run_dir(str(run_dir), allow_checkpoints=True) is None
     release_run_dir(str(run_dir))
 
 
@@ -84,11 +94,7 @@ def test_image_kd_refuses_a_second_writer_and_a_fresh_run_over_a_finished_one(tm
     assert again.returncode != 0
     assert again.stderr.strip().splitlines()[-1].startswith(f"error: run dir {run_dir} already holds")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix == ".pt"} == before
-    holder = subprocess.Popen(
-        [PY, "-c", HOLDER, str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with _held_by_another_process(run_dir):
         resume = subprocess.run(
             [*cmd, "--resume_checkpoint", str(run_dir), "--max_steps", "4"],
             cwd=REPO,
@@ -98,9 +104,6 @@ def test_image_kd_refuses_a_second_writer_and_a_fresh_run_over_a_finished_one(tm
             timeout=180,
         )
         assert resume.returncode != 0 and "is in use by pid" in resume.stderr.strip().splitlines()[-1]
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix == ".pt"} == before
 
 
@@ -110,6 +113,6 @@ def test_claiming_a_dir_removes_a_killed_writers_temp_files(tmp_path):
     run_dir.mkdir()
     (run_dir / ".model000002.pt.abc123.tmp").write_bytes(b"partial")
     (run_dir / "notes.txt").write_text("kept")
-    assert claim_run_dir(str(run_dir), resuming=False) is None
+    assert claim_run_dir(str(run_dir), allow_checkpoints=False) is None
     assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "notes.txt"]
     release_run_dir(str(run_dir))
