@@ -39,8 +39,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.plot_results import plot_fid_over_steps  # noqa: E402
 from evaluations import metrics  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write_bytes, parse_step  # noqa: E402
 from guided_diffusion.config import ConfigError, load_config, primary_section  # noqa: E402
+from guided_diffusion.infra.checkpoint import atomic_write_bytes, parse_step  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
 from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
 

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from guided_diffusion.checkpoint import atomic_write_bytes  # noqa: E402
+from guided_diffusion.infra.checkpoint import atomic_write_bytes  # noqa: E402
 
 # Horizontal reference lines (labelled with their rows' labels): row name -> line style.
 REFERENCE_LINES = {"teacher": "--", "teacher_ddim8": "-.", "real_train": ":"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guided_diffusion.atomic_io import atomic_write
+from guided_diffusion.infra.atomic_io import atomic_write
 
 IMAGE_SIZE = 16
 REF_FRACTION = 0.2

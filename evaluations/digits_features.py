@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion.checkpoint import atomic_torch_save
+from guided_diffusion.infra.checkpoint import atomic_torch_save
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "model" / "digits32_features.pt"
 FEATURE_DIM = 128

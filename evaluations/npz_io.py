@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from guided_diffusion.atomic_io import atomic_write
+from guided_diffusion.infra.atomic_io import atomic_write
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 

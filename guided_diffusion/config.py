@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .atomic_io import atomic_write_text
+from .infra.atomic_io import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

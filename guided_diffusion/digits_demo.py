@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import atomic_write_bytes
 from .config import REPO_ROOT, ConfigError, load_config, save_config
+from .infra.checkpoint import atomic_write_bytes
 from .run_setup import build_model_and_diffusion
 from .sampling import save_grid
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import safe_torch_load
+from .infra.checkpoint import safe_torch_load
 
 DEFAULT_TIMEOUT_S = 600.0
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")

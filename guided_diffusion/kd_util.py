@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import torch
 
 from . import dist_util, logger
-from .compile_util import fast_frozen
 from .dynamic_batch import ITERATIVE, DynamicBatch
-from .mixed_precision import resolve_precision
+from .infra.compile_util import fast_frozen
+from .infra.mixed_precision import resolve_precision
 from .run_setup import build_model_and_diffusion, load_model_weights
 from .train_util import TrainLoop
 

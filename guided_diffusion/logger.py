@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
-from .atomic_io import atomic_write_text
+from .infra.atomic_io import atomic_write_text
 
 DEBUG = 10
 INFO = 20

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from . import dist_util, logger
-from .checkpoint import atomic_write_bytes
-from .compile_util import FastPath, fast_frozen
+from .infra.checkpoint import atomic_write_bytes
+from .infra.compile_util import FastPath, fast_frozen
 
 if TYPE_CHECKING:
     from .gaussian_diffusion import GaussianDiffusion

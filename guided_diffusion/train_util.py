@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist_util, logger
-from .checkpoint import (
+from .infra.checkpoint import (
     atomic_torch_save,
     find_resume_set,
     load_state_dict_strict,
@@ -27,8 +27,13 @@ from .checkpoint import (
     saved_ema_rates,
     write_latest,
 )
-from .compile_util import FastPath, fast_trained
-from .mixed_precision import MixedPrecisionTrainer, NonFiniteLossError, make_optimizer, resolve_precision
+from .infra.compile_util import FastPath, fast_trained
+from .infra.mixed_precision import (
+    MixedPrecisionTrainer,
+    NonFiniteLossError,
+    make_optimizer,
+    resolve_precision,
+)
 
 if TYPE_CHECKING:
     from .gaussian_diffusion import GaussianDiffusion

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.compile_util import FastPath, fast_frozen
 from guided_diffusion.config import build_arg_parser, model_and_diffusion_kwargs, parse_config_args
 from guided_diffusion.dynamic_batch import DYNAMIC, pool_size
 from guided_diffusion.dynamic_cache import CacheError, load_cache
+from guided_diffusion.infra.compile_util import FastPath, fast_frozen
 from guided_diffusion.kd_util import (
     KDSetupError,
     check_sections,

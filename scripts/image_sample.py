@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.compile_util import FastPath
 from guided_diffusion.config import build_arg_parser, parse_config_args, primary_section
-from guided_diffusion.mixed_precision import resolve_precision
+from guided_diffusion.infra.compile_util import FastPath
+from guided_diffusion.infra.mixed_precision import resolve_precision
 from guided_diffusion.run_setup import (
     add_run_arguments,
     build_model_and_diffusion,

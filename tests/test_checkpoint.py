@@ -19,8 +19,8 @@ import torch
 from omegaconf import OmegaConf
 
 from guided_diffusion import logger
-from guided_diffusion.atomic_io import atomic_write
-from guided_diffusion.checkpoint import (
+from guided_diffusion.infra.atomic_io import atomic_write
+from guided_diffusion.infra.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     atomic_torch_save,
@@ -67,7 +67,7 @@ def test_failed_serialization_leaves_old_file_and_no_temp(tmp_path: Path) -> Non
 _WRITER = textwrap.dedent(
     """
     import sys, torch
-    from guided_diffusion.checkpoint import atomic_torch_save
+    from guided_diffusion.infra.checkpoint import atomic_torch_save
     i = 0
     while True:
         i += 1

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from guided_diffusion import dist_util
-from guided_diffusion.checkpoint import CheckpointError
+from guided_diffusion.infra.checkpoint import CheckpointError
 
 SCRIPT = Path(__file__).resolve().parent / "mpi_scripts" / "dist_check.py"
 BIN = Path(sys.executable).parent

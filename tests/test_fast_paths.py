@@ -10,16 +10,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from guided_diffusion import compile_util, dist_util, logger
-from guided_diffusion.compile_util import (
+from guided_diffusion import dist_util, logger
+from guided_diffusion.dynamic_batch import DynamicBatch
+from guided_diffusion.infra import compile_util
+from guided_diffusion.infra.compile_util import (
     CompiledWithFallback,
     FastPath,
     fast_frozen,
     fast_trained,
     maybe_compile,
 )
-from guided_diffusion.cuda_graphs import GraphedInference, GraphedTraining
-from guided_diffusion.dynamic_batch import DynamicBatch
+from guided_diffusion.infra.cuda_graphs import GraphedInference, GraphedTraining
 from guided_diffusion.kd_util import KDTrainLoop
 from guided_diffusion.nn import GroupNorm32, use_half_norm
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model

@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from guided_diffusion import logger
-from guided_diffusion.checkpoint import CheckpointMismatchError
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
 from guided_diffusion.dynamic_cache import load_cache, save_cache
+from guided_diffusion.infra.checkpoint import CheckpointMismatchError
 from guided_diffusion.kd_util import (
     KDSetupError,
     KDTrainLoop,

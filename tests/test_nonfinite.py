@@ -17,10 +17,10 @@ from omegaconf import OmegaConf
 from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from guided_diffusion import logger
-from guided_diffusion.checkpoint import read_latest, safe_torch_load
 from guided_diffusion.config import load_config
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.mixed_precision import NonFiniteLossError
+from guided_diffusion.infra.checkpoint import read_latest, safe_torch_load
+from guided_diffusion.infra.mixed_precision import NonFiniteLossError
 from guided_diffusion.run_setup import build_model_and_diffusion
 from guided_diffusion.train_util import TrainLoop
 

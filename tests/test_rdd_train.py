@@ -13,8 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from guided_diffusion import dist_util
-from guided_diffusion.checkpoint import safe_torch_load
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.infra.checkpoint import safe_torch_load
 from guided_diffusion.script_util import create_model_and_diffusion
 
 torch.set_num_threads(1)

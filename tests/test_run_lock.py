@@ -12,13 +12,13 @@ from pathlib import Path
 
 from script_env import ENV, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
-from guided_diffusion.run_lock import claim_run_dir, release_run_dir
+from guided_diffusion.infra.run_lock import claim_run_dir, release_run_dir
 from guided_diffusion.run_setup import choose_run_dir
 
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from guided_diffusion.run_lock import claim_run_dir
+    from guided_diffusion.infra.run_lock import claim_run_dir
     assert claim_run_dir(sys.argv[1], allow_checkpoints=True) is None
     print("locked", flush=True)
     time.sleep(120)

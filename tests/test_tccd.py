@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from script_env import ENV, PY, REPO
 
 from guided_diffusion import logger
-from guided_diffusion.checkpoint import CheckpointMismatchError
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.infra.checkpoint import CheckpointMismatchError
 from guided_diffusion.kd_util import KDTrainLoop, kd_loop_for, load_teacher, make_dynamic_batch
 from guided_diffusion.run_setup import load_model_weights
 from guided_diffusion.script_util import create_model_and_diffusion

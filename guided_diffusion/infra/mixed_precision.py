@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from . import logger
+from .. import logger
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _BACKOFF = 0.5

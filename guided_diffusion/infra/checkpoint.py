@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from . import logger
+from .. import logger
 from .atomic_io import FAULT_SLEEP_ENV as FAULT_SLEEP_ENV  # re-exported for fault tests
 from .atomic_io import atomic_write
 
 PathLike = str | os.PathLike
 
-ARCH_DIR = Path(__file__).resolve().parent.parent / "yaml" / "arch"
+ARCH_DIR = Path(__file__).resolve().parents[2] / "yaml" / "arch"
 LATEST_NAME = "latest"
 # temp-file names of atomic_io.atomic_write (".<name>.<random>.tmp")
 _TEMP_RE = re.compile(r"^\..+\.[^.]+\.tmp$")
@@ -158,7 +158,7 @@ def _arch_shapes(arch_file: str, mtime: float, learn_sigma: bool) -> tuple[tuple
     """Key/shape signature of the UNet an arch YAML describes, built on the meta device (no memory)."""
     from omegaconf import OmegaConf
 
-    from .script_util import create_model, model_and_diffusion_defaults
+    from ..script_util import create_model, model_and_diffusion_defaults
 
     values = OmegaConf.to_container(OmegaConf.load(arch_file), resolve=True)
     if not isinstance(values, dict):

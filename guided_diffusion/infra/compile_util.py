@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from . import logger
+from .. import logger
+from ..nn import use_half_norm
 from .cuda_graphs import GraphedInference, GraphedTraining
-from .nn import use_half_norm
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BACKEND_ENV = "GUIDED_DIFFUSION_COMPILE_BACKEND"  # e.g. aot_eager: trace without building kernels (CPU tests)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import logger
+from .. import logger
 
 Signature = tuple[Any, ...]
 
