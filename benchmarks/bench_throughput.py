@@ -39,10 +39,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from guided_diffusion import logger  # noqa: E402
-from guided_diffusion.dynamic_batch import DynamicBatch  # noqa: E402
+from guided_diffusion.distill.dkdm.pool import DynamicBatch  # noqa: E402
+from guided_diffusion.distill.loop import KDTrainLoop  # noqa: E402
 from guided_diffusion.infra.atomic_io import atomic_write_text  # noqa: E402
 from guided_diffusion.infra.compile_util import FastPath, fast_frozen  # noqa: E402
-from guided_diffusion.kd_util import KDTrainLoop  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
 from guided_diffusion.unet import QKVAttention  # noqa: E402

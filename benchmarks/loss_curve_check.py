@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.config import load_config  # noqa: E402
+from guided_diffusion.distill.loop import KDTrainLoop, load_teacher, make_dynamic_batch  # noqa: E402
 from guided_diffusion.infra.checkpoint import atomic_write_bytes  # noqa: E402
-from guided_diffusion.kd_util import KDTrainLoop, load_teacher, make_dynamic_batch  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, seed_everything  # noqa: E402
 from guided_diffusion.train_util import loop_kwargs  # noqa: E402
 

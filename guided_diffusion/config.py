@@ -126,9 +126,9 @@ SOURCE_KEY = "config"  # records the YAML a config was loaded from
 KD_SECTIONS = ("teacher", "student")
 
 METHOD_SECTIONS: dict[str, str] = {
-    "tccd": "guided_diffusion.tccd:tccd_defaults",
-    "relational": "guided_diffusion.relational:relational_defaults",
-    "step_distill": "guided_diffusion.step_distill:step_distill_defaults",
+    "tccd": "guided_diffusion.distill.tccd:tccd_defaults",
+    "relational": "guided_diffusion.distill.relational:relational_defaults",
+    "step_distill": "guided_diffusion.distill.progressive:step_distill_defaults",
 }
 
 

@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 
 from . import dist_util, logger
 from .config import SOURCE_KEY, model_and_diffusion_kwargs, primary_section, save_config, validate_world_size
+from .distill.tccd import TCCD_PREFIX
 from .infra.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load, unwrap_state_dict
 from .infra.run_lock import claim_run_dir
 from .script_util import create_model_and_diffusion
-from .tccd import TCCD_PREFIX
 
 EXPERIMENTS_DIR = "experiments"
 TRAINING_KINDS = ("train", "kd", "step_distill")  # runs that write checkpoints (and so may not overwrite any)

@@ -17,7 +17,7 @@ import os
 import torch
 
 from guided_diffusion import logger
-from guided_diffusion.classifier_util import build_classifier, save_classifier, train_classifier
+from guided_diffusion.distill.classifier import build_classifier, save_classifier, train_classifier
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.run_setup import seed_everything
 

@@ -12,16 +12,16 @@ import os
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import build_arg_parser, model_and_diffusion_kwargs, parse_config_args
-from guided_diffusion.dynamic_batch import DYNAMIC, pool_size
-from guided_diffusion.dynamic_cache import CacheError, load_cache
-from guided_diffusion.infra.compile_util import FastPath, fast_frozen
-from guided_diffusion.kd_util import (
+from guided_diffusion.distill.dkdm.cache import CacheError, load_cache
+from guided_diffusion.distill.dkdm.pool import DYNAMIC, pool_size
+from guided_diffusion.distill.loop import (
     KDSetupError,
     check_sections,
     check_tempfile,
     load_teacher,
     make_dynamic_batch,
 )
+from guided_diffusion.infra.compile_util import FastPath, fast_frozen
 from guided_diffusion.run_setup import add_run_arguments, start_run
 from guided_diffusion.script_util import create_gaussian_diffusion
 

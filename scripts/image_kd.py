@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
-from guided_diffusion.kd_util import (
+from guided_diffusion.distill.loop import (
     KDSetupError,
     check_diffusions,
     check_sections,
@@ -23,17 +23,17 @@ from guided_diffusion.kd_util import (
     load_teacher,
     make_dynamic_batch,
 )
+from guided_diffusion.distill.progressive import (
+    add_step_distill_arguments,
+    apply_stage_overrides,
+    build_relational_term,
+    run_step_distill,
+)
 from guided_diffusion.run_setup import (
     add_run_arguments,
     build_model_and_diffusion,
     load_model_weights,
     start_run,
-)
-from guided_diffusion.step_distill import (
-    add_step_distill_arguments,
-    apply_stage_overrides,
-    build_relational_term,
-    run_step_distill,
 )
 from guided_diffusion.train_util import loop_kwargs
 

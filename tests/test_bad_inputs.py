@@ -18,7 +18,7 @@ from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpo
 
 from evaluations import evaluator
 from guided_diffusion.config import ConfigError, load_config, model_and_diffusion_kwargs
-from guided_diffusion.dynamic_cache import CacheError, load_cache, save_cache
+from guided_diffusion.distill.dkdm.cache import CacheError, load_cache, save_cache
 from guided_diffusion.image_datasets import DataError, load_data
 from guided_diffusion.infra.checkpoint import CheckpointError, CheckpointMismatchError, load_state_dict_strict
 from guided_diffusion.script_util import create_model_and_diffusion

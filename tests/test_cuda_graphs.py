@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from guided_diffusion import logger
-from guided_diffusion.dynamic_batch import DynamicBatch
+from guided_diffusion.distill.dkdm.pool import DynamicBatch
+from guided_diffusion.distill.loop import KDTrainLoop
 from guided_diffusion.infra.compile_util import FastPath
 from guided_diffusion.infra.cuda_graphs import GraphedInference, GraphedTraining
-from guided_diffusion.kd_util import KDTrainLoop
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 from guided_diffusion.train_util import TrainLoop
 

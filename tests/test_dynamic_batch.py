@@ -12,7 +12,8 @@ import torch
 from scipy.stats import chisquare
 
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
-from guided_diffusion.dynamic_batch import (
+from guided_diffusion.distill.dkdm.cache import CacheError, load_cache, save_cache
+from guided_diffusion.distill.dkdm.pool import (
     DYNAMIC,
     ITERATIVE,
     SHUFFLED,
@@ -20,7 +21,6 @@ from guided_diffusion.dynamic_batch import (
     balanced_end_steps,
     pool_size,
 )
-from guided_diffusion.dynamic_cache import CacheError, load_cache, save_cache
 from guided_diffusion.script_util import create_model_and_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +307,7 @@ MPI_SCRIPT = textwrap.dedent(
     import torch
     from guided_diffusion import dist_util
     from guided_diffusion.config import load_config, model_and_diffusion_kwargs
-    from guided_diffusion.dynamic_batch import DynamicBatch
+    from guided_diffusion.distill.dkdm.pool import DynamicBatch
     from guided_diffusion.script_util import create_model_and_diffusion
 
     dist_util.setup_dist()

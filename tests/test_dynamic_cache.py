@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guided_diffusion.dynamic_cache import CacheError, load_cache, save_cache
+from guided_diffusion.distill.dkdm.cache import CacheError, load_cache, save_cache
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 if not REF.exists():

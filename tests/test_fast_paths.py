@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.dynamic_batch import DynamicBatch
+from guided_diffusion.distill.dkdm.pool import DynamicBatch
+from guided_diffusion.distill.loop import KDTrainLoop
 from guided_diffusion.infra import compile_util
 from guided_diffusion.infra.compile_util import (
     CompiledWithFallback,
@@ -21,7 +22,6 @@ from guided_diffusion.infra.compile_util import (
     maybe_compile,
 )
 from guided_diffusion.infra.cuda_graphs import GraphedInference, GraphedTraining
-from guided_diffusion.kd_util import KDTrainLoop
 from guided_diffusion.nn import GroupNorm32, use_half_norm
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 from guided_diffusion.train_util import TrainLoop

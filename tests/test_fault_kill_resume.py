@@ -16,9 +16,9 @@ import pytest
 import torch
 from script_env import ENV, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
-from guided_diffusion.dynamic_cache import load_cache
+from guided_diffusion.distill.dkdm.cache import load_cache
+from guided_diffusion.distill.loop import POOL_PATTERN
 from guided_diffusion.infra.checkpoint import FAULT_SLEEP_ENV, find_resume_set, read_latest, safe_torch_load
-from guided_diffusion.kd_util import POOL_PATTERN
 
 MAX_STEPS, SAVE_INTERVAL = 24, 3
 CKPT_TEMP_PREFIXES = (".model", ".ema_", ".opt", ".latest")  # temp files of the checkpoint set's writes

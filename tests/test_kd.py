@@ -13,15 +13,15 @@ from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpo
 
 from guided_diffusion import logger
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
-from guided_diffusion.dynamic_cache import load_cache, save_cache
-from guided_diffusion.infra.checkpoint import CheckpointMismatchError
-from guided_diffusion.kd_util import (
+from guided_diffusion.distill.dkdm.cache import load_cache, save_cache
+from guided_diffusion.distill.loop import (
     KDSetupError,
     KDTrainLoop,
     check_diffusions,
     load_teacher,
     make_dynamic_batch,
 )
+from guided_diffusion.infra.checkpoint import CheckpointMismatchError
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 torch.set_num_threads(1)  # the CI box has 2 shared cores; more threads only contend
@@ -210,7 +210,8 @@ def test_prepare_never_replaces_a_pool_of_another_size_or_mode(kd_files, tmp_pat
 DUMP_PARAMS = textwrap.dedent(
     """
     import runpy, sys, torch
-    from guided_diffusion import dist_util, kd_util
+    from guided_diffusion import dist_util
+    from guided_diffusion.distill import loop as kd_util
 
     out = sys.argv.pop(1)
     original = kd_util.KDTrainLoop.run_loop

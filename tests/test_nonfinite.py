@@ -133,7 +133,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 NAN_WRAPPER = textwrap.dedent(
     """
     import runpy, sys
-    from guided_diffusion import kd_util
+    from guided_diffusion.distill import loop as kd_util
 
     first_bad = int(sys.argv.pop(1))
     original = kd_util.KDTrainLoop.compute_losses
@@ -171,7 +171,8 @@ def test_image_kd_nan_streak_stops_cleanly_with_last_good_checkpoint(kd_config, 
 FAILING_RANK = textwrap.dedent(
     """
     import runpy, sys
-    from guided_diffusion import dist_util, kd_util
+    from guided_diffusion import dist_util
+    from guided_diffusion.distill import loop as kd_util
 
     original = kd_util.KDTrainLoop.run_step
 

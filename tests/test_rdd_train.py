@@ -173,9 +173,9 @@ def test_stage_flags_and_bad_grids(files, tmp_path):
 def test_digits_stage_configs_build_on_the_shipped_teacher(name):
     """The digits stages resolve, nest ddim8 -> ddim4 and load the shipped teacher (a few CPU steps of
     them are what the lead's GPU run repeats at full length)."""
-    from guided_diffusion.kd_util import load_teacher
+    from guided_diffusion.distill.loop import load_teacher
+    from guided_diffusion.distill.progressive import StepDistiller
     from guided_diffusion.run_setup import build_model_and_diffusion
-    from guided_diffusion.step_distill import StepDistiller
 
     cfg = load_config(REPO / "yaml/digits_16/exp/rdd" / name)
     if not (REPO / cfg.teacher.model_path).is_file():

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from guided_diffusion.config import method_defaults
-from guided_diffusion.relational import (
+from guided_diffusion.distill.relational import (
     PixelMemoryQueue,
     RelationalLoss,
     logit_relation_loss,
@@ -249,7 +249,7 @@ MPI_SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from guided_diffusion import dist_util
-    from guided_diffusion.relational import PixelMemoryQueue, RelationalLoss
+    from guided_diffusion.distill.relational import PixelMemoryQueue, RelationalLoss
 
     dist_util.setup_dist(timeout_s=60)
     rank = dist_util.get_rank()

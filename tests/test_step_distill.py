@@ -6,17 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion.classifier_util import (
+from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.distill.classifier import (
     build_classifier,
     feature_channels,
     features_and_logits,
     load_classifier,
     save_classifier,
 )
-from guided_diffusion.config import load_config, model_and_diffusion_kwargs
-from guided_diffusion.relational import relational_defaults
-from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
-from guided_diffusion.step_distill import (
+from guided_diffusion.distill.progressive import (
     RelationalTerm,
     StepDistiller,
     ddim_target,
@@ -24,6 +22,8 @@ from guided_diffusion.step_distill import (
     snr_weight,
     teacher_step_plan,
 )
+from guided_diffusion.distill.relational import relational_defaults
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 torch.set_num_threads(1)
 

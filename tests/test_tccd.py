@@ -12,12 +12,12 @@ from script_env import ENV, PY, REPO
 
 from guided_diffusion import logger
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+from guided_diffusion.distill.loop import KDTrainLoop, kd_loop_for, load_teacher, make_dynamic_batch
+from guided_diffusion.distill.tccd import TCCD_PREFIX, tccd_defaults
+from guided_diffusion.distill.tccd_loop import TCCDTrainLoop
 from guided_diffusion.infra.checkpoint import CheckpointMismatchError
-from guided_diffusion.kd_util import KDTrainLoop, kd_loop_for, load_teacher, make_dynamic_batch
 from guided_diffusion.run_setup import load_model_weights
 from guided_diffusion.script_util import create_model_and_diffusion
-from guided_diffusion.tccd import TCCD_PREFIX, tccd_defaults
-from guided_diffusion.tccd_util import TCCDTrainLoop
 
 torch.set_num_threads(1)  # the CI box has 2 shared cores; more threads only contend
 

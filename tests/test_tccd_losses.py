@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from guided_diffusion.config import load_config, method_defaults, model_and_diffusion_kwargs
-from guided_diffusion.script_util import create_model_and_diffusion
-from guided_diffusion.tccd import (
+from guided_diffusion.distill.tccd import (
     TCCD_PREFIX,
     TCCDLoss,
     TimestepNoiseAlignment,
@@ -22,6 +21,7 @@ from guided_diffusion.tccd import (
     split_prefixed_state,
     tccd_defaults,
 )
+from guided_diffusion.script_util import create_model_and_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_KD = ROOT / "tests" / "configs" / "tiny_kd.yaml"

@@ -13,12 +13,12 @@ from typing import Any, Protocol
 
 import torch
 
-from . import dist_util, logger
-from .dynamic_batch import ITERATIVE, DynamicBatch
-from .infra.compile_util import fast_frozen
-from .infra.mixed_precision import resolve_precision
-from .run_setup import build_model_and_diffusion, load_model_weights
-from .train_util import TrainLoop
+from .. import dist_util, logger
+from ..infra.compile_util import fast_frozen
+from ..infra.mixed_precision import resolve_precision
+from ..run_setup import build_model_and_diffusion, load_model_weights
+from ..train_util import TrainLoop
+from .dkdm.pool import ITERATIVE, DynamicBatch
 
 POOL_PATTERN = "teacher-state-{step:06d}.cache"
 TEACHER_PREFIX = "teacher_"
@@ -219,7 +219,7 @@ def kd_loop_for(cfg: Mapping[str, Any]) -> tuple[type[KDTrainLoop], dict[str, An
     """The loop class for a KD config and its method keyword arguments: with a `tccd:` section the TCCD
     loop (`tccd_util.TCCDTrainLoop`, docs/tccd.md), otherwise plain DKDM."""
     if "tccd" in cfg:
-        from .tccd_util import TCCDTrainLoop
+        from .tccd_loop import TCCDTrainLoop
 
         return TCCDTrainLoop, {"tccd_config": dict(cfg["tccd"])}
     return KDTrainLoop, {}

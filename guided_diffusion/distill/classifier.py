@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import logger
-from .infra.checkpoint import atomic_torch_save, safe_torch_load
+from .. import logger
+from ..infra.checkpoint import atomic_torch_save, safe_torch_load
 
 SMALL_IMAGE_LIMIT = 64  # the stem is adapted for images up to this size (as CIFAR models do)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import dist_util
+from .. import dist_util
 
 RELATIONAL_PREFIX = "relational."
 FEATURE_SOURCES = ("unet", "classifier")

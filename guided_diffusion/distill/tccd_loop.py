@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from . import logger
-from .kd_util import KDSetupError, KDTrainLoop
+from .. import logger
+from .loop import KDSetupError, KDTrainLoop
 from .tccd import TCCD_PREFIX, TCCDLoss, resolve_tccd_config
 
 TCCD_ATTR = TCCD_PREFIX.rstrip(".")

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import logger
-from .dynamic_cache import CacheError, load_cache, save_cache, validate_cache
+from ... import logger
+from .cache import CacheError, load_cache, save_cache, validate_cache
 
 DYNAMIC = "dynamic_iterative_distillation"
 SHUFFLED = "shuffled_iterative_distillation"

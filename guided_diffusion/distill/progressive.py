@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import dist_util, logger
-from .gaussian_diffusion import ModelMeanType
-from .nn import mean_flat
+from .. import dist_util, logger
+from ..gaussian_diffusion import ModelMeanType
+from ..nn import mean_flat
+from ..train_util import TrainLoop, loop_kwargs
 from .relational import RelationalLoss, select_unet_feature, unet_feature_channels
-from .train_util import TrainLoop, loop_kwargs
 
 if TYPE_CHECKING:
     import argparse
@@ -268,7 +268,7 @@ class RelationalTerm(nn.Module):
                     "relational: feature_source 'classifier' needs step_distill.classifier_path "
                     "(or --classifier_path), a file from scripts/classifier_train.py"
                 )
-            from .classifier_util import feature_channels
+            from .classifier import feature_channels
 
             channels = feature_channels(classifier, image_size or student.image_size)
             s_channels = t_channels = channels
@@ -295,7 +295,7 @@ class RelationalTerm(nn.Module):
                 select_unet_feature(student_feats, self.unet_feature),
                 select_unet_feature(teacher_feats, self.unet_feature),
             )
-        from .classifier_util import features_and_logits
+        from .classifier import features_and_logits
 
         classifier = self._frozen[1]
         with torch.no_grad():
@@ -386,7 +386,7 @@ def apply_stage_overrides(
     if teacher_steps:
         if teacher_steps < 2 or teacher_steps % 2:
             raise ValueError(f"--teacher_steps must be an even number >= 2, got {teacher_steps}")
-        from .respace import space_timesteps
+        from ..respace import space_timesteps
 
         for section, steps in ((cfg.teacher, teacher_steps), (cfg.student, teacher_steps // 2)):
             try:
@@ -410,7 +410,7 @@ def build_relational_term(
     rel = dict(cfg["relational"])
     classifier = None
     if rel.get("feature_source") == "classifier" and classifier_path:
-        from .classifier_util import load_classifier
+        from .classifier import load_classifier
 
         classifier = load_classifier(classifier_path, device)
     return RelationalTerm(rel, student, teacher, classifier).to(device)
@@ -419,9 +419,9 @@ def build_relational_term(
 def run_step_distill(cfg: DictConfig, args: argparse.Namespace) -> str:
     """Build teacher, student (a copy of the teacher unless student.model_path or resuming), data and
     relational term from a step-distillation config, train, and return the run dir."""
-    from .image_datasets import load_data
-    from .kd_util import check_sections, load_teacher
-    from .run_setup import build_model_and_diffusion, load_model_weights, start_run
+    from ..image_datasets import load_data
+    from ..run_setup import build_model_and_diffusion, load_model_weights, start_run
+    from .loop import check_sections, load_teacher
 
     teacher_s, student_s = cfg.teacher, cfg.student
     step_cfg = resolve_step_distill_config(cfg.step_distill)

@@ -15,7 +15,7 @@ from typing import BinaryIO, NoReturn
 
 import numpy as np
 
-from .infra.atomic_io import atomic_write
+from ...infra.atomic_io import atomic_write
 
 CACHE_KEYS = ("total_t", "total_x_t_1")
 
