@@ -164,7 +164,7 @@ def _train_loop(model, diffusion, batch: int, opts: Options, run_dir: str, loop_
 
 
 def _kd_loop(student, diffusion, teacher, t_diffusion, batch: int, opts: Options, run_dir: str):
-    """kd_util.KDTrainLoop over a randomly filled dynamic pool (rho 0.4, as CIFAR10-*-Dynamic-0.4); the loop
+    """KDTrainLoop over a randomly filled dynamic pool (rho 0.4, as CIFAR10-*-Dynamic-0.4); the loop
     puts student and teacher on the fast path itself (as image_kd.py does)."""
     teacher.eval().requires_grad_(False)
     pool = DynamicBatch(

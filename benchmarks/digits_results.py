@@ -105,10 +105,11 @@ TRAINED: dict[str, TrainedMethod] = {
             needs_pool=True,
         ),
         TrainedMethod(
-            "pd", "PD 8->4 steps", "scripts/image_kd.py", "", "rdd", data="teacher_samples", own_grid=True
+            "pd", "PD 8->4 steps", "scripts/step_distill.py", "", "rdd", data="teacher_samples", own_grid=True
         ),
         TrainedMethod(
-            "rdd", "RDD 8->4 steps", "scripts/image_kd.py", "", "rdd", data="teacher_samples", own_grid=True
+            "rdd", "RDD 8->4 steps", "scripts/step_distill.py", "", "rdd", data="teacher_samples",
+            own_grid=True,
         ),
     )
 }

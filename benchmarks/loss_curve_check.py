@@ -1,7 +1,7 @@
 """Loss-curve check: the digits DKDM student trained once per precision (same seed and pool, KDTrainLoop).
 
 Distils the shipped digits teacher (data-free) into the digits student of yaml/digits_16/exp/Digits-DKDM.yaml
-through `kd_util.KDTrainLoop`, once per `--precision`. The teacher pool is prepared once (fp32) and every run
+through `build_run`, once per `--precision`. The teacher pool is prepared once (fp32) and every run
 loads it with fresh generators, the same seed and the same student initialization, so the curves differ only
 by the precision (and, with `--optimized`, by the scripts' default fast path, `compile`, `cuda_graphs` and
 `half_norm`, applied to every precision but fp32, whose run keeps all three off, so the comparison reads
@@ -33,10 +33,10 @@ import torch  # noqa: E402
 
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.config import load_config  # noqa: E402
-from guided_diffusion.distill.loop import KDTrainLoop, load_teacher, make_dynamic_batch  # noqa: E402
+from guided_diffusion.distill.dkdm.setup import load_teacher, make_dynamic_batch  # noqa: E402
+from guided_diffusion.distill.run import build_run  # noqa: E402
 from guided_diffusion.infra.checkpoint import atomic_write_bytes  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, seed_everything  # noqa: E402
-from guided_diffusion.train_util import loop_kwargs  # noqa: E402
 
 CONFIG = REPO / "yaml" / "digits_16" / "exp" / "Digits-DKDM.yaml"
 TEACHER = REPO / "model" / "digits16_teacher.pt"
@@ -106,20 +106,12 @@ def prepare_pool(args: argparse.Namespace, pool_path: str, device: torch.device)
 
 def train_once(args: argparse.Namespace, precision: str, pool_path: str, run_dir: Path,
                device: torch.device) -> float:
-    """One distillation run (the scripts' KDTrainLoop) logging to `run_dir/progress.csv`; returns seconds."""
+    """One distillation run (the scripts' `build_run`) logging to `run_dir/progress.csv`; returns seconds."""
     cfg = build_config(args, precision, pool_path)
+    cfg.student.save_interval, cfg.student.resume_checkpoint = 0, ""
     logger.configure(str(run_dir), format_strs=["log", "csv"])
     seed_everything(args.seed)
-    teacher, t_diffusion = load_teacher(cfg.teacher, device)
-    student, s_diffusion = build_model_and_diffusion(cfg.student, device)
-    pool = make_dynamic_batch(cfg.teacher, cfg.student, teacher, t_diffusion, s_diffusion, device)
-    s = cfg.student
-    loop = KDTrainLoop(
-        teacher=teacher, teacher_diffusion=t_diffusion, dynamic_batch=pool, tempfile=pool_path,
-        input_perturb=cfg.teacher.input_perturb, model=student, diffusion=s_diffusion,
-        batch_size=pool.batch_size,
-        **{**loop_kwargs(s, s_diffusion, str(run_dir)), "save_interval": 0, "resume_checkpoint": ""},
-    )
+    loop = build_run(cfg, str(run_dir), device=device)
     begin = time.perf_counter()
     loop.run_loop()
     if device.type == "cuda":

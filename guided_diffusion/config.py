@@ -15,7 +15,7 @@ import importlib
 import inspect
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +125,7 @@ PATH_KEYS = ("model", "diffusion")
 SOURCE_KEY = "config"  # records the YAML a config was loaded from
 KD_SECTIONS = ("teacher", "student")
 
-METHOD_SECTIONS: dict[str, str] = {
-    "tccd": "guided_diffusion.distill.tccd:tccd_defaults",
-    "relational": "guided_diffusion.distill.relational:relational_defaults",
-    "step_distill": "guided_diffusion.distill.progressive:step_distill_defaults",
-}
+METHOD_REGISTRY = "guided_diffusion.distill.objective"  # finds a method section's schema by its name
 
 
 class ConfigError(ValueError):
@@ -156,15 +152,17 @@ def section_defaults(kind: str) -> dict[str, Any]:
 
 
 def method_defaults(name: str) -> dict[str, Any]:
-    """Defaults of an optional method section, looked up in the module that owns it (imported only now)."""
-    module_name, func_name = METHOD_SECTIONS[name].split(":")
-    try:
-        func: Callable[[], dict[str, Any]] = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
+    """Defaults of a method section (`tccd:`, `relational:`, ...), from the method that owns the section
+    (found by name, imported only now); a name no method owns is a ConfigError."""
+    registry = importlib.import_module(METHOD_REGISTRY)
+    method = registry.find_method(name)
+    if method is None:
+        known = ", ".join(registry.known_sections())
         raise ConfigError(
-            f"section '{name}' needs {METHOD_SECTIONS[name]}, which is unavailable: {exc}"
-        ) from exc
-    return dict(func())
+            f"unknown section '{name}': no method owns it (known: teacher, student, {known})"
+            f"{_suggest(name, ['teacher', 'student', *registry.known_sections()])}"
+        )
+    return dict(method.defaults())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,15 +412,15 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     raw = _read_yaml(config_path)
     raw.pop(SOURCE_KEY, None)
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
-    methods = {name: _resolve_method(name, raw.pop(name), source) for name in METHOD_SECTIONS if name in raw}
-
+    methods: dict[str, Any] = {}
     if any(name in raw for name in KD_SECTIONS):
         for name in KD_SECTIONS:
             if not isinstance(raw.get(name), dict):
                 raise ConfigError(
                     f"{source}: a KD config needs a '{name}:' mapping next to the other section"
                 )
-        _check_keys(raw, [*KD_SECTIONS, *METHOD_SECTIONS], source, "the top level")
+        for name in [key for key in raw if key not in KD_SECTIONS]:
+            methods[name] = _resolve_method(name, raw.pop(name), source)
         resolved: dict[str, Any] = {
             "teacher": _resolve_section(raw["teacher"], "teacher", source, "teacher"),
             "student": _resolve_section(raw["student"], "flat", source, "student", given),

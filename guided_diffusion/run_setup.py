@@ -15,14 +15,12 @@ from omegaconf import DictConfig
 
 from . import dist_util, logger
 from .config import SOURCE_KEY, model_and_diffusion_kwargs, primary_section, save_config, validate_world_size
-from .distill.tccd import TCCD_PREFIX
 from .infra.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load, unwrap_state_dict
 from .infra.run_lock import claim_run_dir
 from .script_util import create_model_and_diffusion
 
 EXPERIMENTS_DIR = "experiments"
 TRAINING_KINDS = ("train", "kd", "step_distill")  # runs that write checkpoints (and so may not overwrite any)
-METHOD_STATE_PREFIXES = (TCCD_PREFIX,)  # extra modules that training loops save inside the model files
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,9 +114,8 @@ def recorded_setting_differences(path: str, section: Mapping[str, Any]) -> list[
 
 
 def load_model_weights(model: torch.nn.Module, path: str, section: Mapping[str, Any] | None = None) -> None:
-    """Load a checkpoint into `model` strictly; errors name the file and the mismatching keys. Training-only
-    state of a method (keys under `METHOD_STATE_PREFIXES`, e.g. TCCD's heads) is dropped, with a log line,
-    unless `model` itself has such keys; any other unexpected key still fails. With `section`, a checkpoint
+    """Load a checkpoint into `model` strictly; errors name the file and the mismatching keys (methods keep
+    their training state in the opt file, so model files hold weights only). With `section`, a checkpoint
     whose run dir recorded other shape-blind settings (`SHAPE_BLIND_KEYS`) is refused, the keys named."""
     if section is not None:
         differences = recorded_setting_differences(path, section)
@@ -130,10 +127,4 @@ def load_model_weights(model: torch.nn.Module, path: str, section: Mapping[str, 
     state, notes = unwrap_state_dict(safe_torch_load(path), path)
     for note in notes:
         logger.log(f"note: {note}")
-    own = model.state_dict()
-    for prefix in METHOD_STATE_PREFIXES:
-        dropped = [k for k in state if k.startswith(prefix)]
-        if dropped and not any(k.startswith(prefix) for k in own):
-            logger.log(f"{path}: ignoring {len(dropped)} training-only '{prefix}' keys (not model weights)")
-            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     load_state_dict_strict(model, state, source=path)

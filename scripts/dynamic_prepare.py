@@ -14,7 +14,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.config import build_arg_parser, model_and_diffusion_kwargs, parse_config_args
 from guided_diffusion.distill.dkdm.cache import CacheError, load_cache
 from guided_diffusion.distill.dkdm.pool import DYNAMIC, pool_size
-from guided_diffusion.distill.loop import (
+from guided_diffusion.distill.dkdm.setup import (
     KDSetupError,
     check_sections,
     check_tempfile,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -270,30 +268,32 @@ def test_kd_needs_both_sections(tmp_path: Path) -> None:
 # --- method sections --------------------------------------------------------------------------------------
 
 
-def test_method_section_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.ModuleType("fake_tccd_owner")
-    fake.tccd_defaults = lambda: {"contrastive_weight": 0.1, "temperature": 0.07, "enabled": True}
-    monkeypatch.setitem(sys.modules, "fake_tccd_owner", fake)
-    monkeypatch.setitem(config_mod.METHOD_SECTIONS, "tccd", "fake_tccd_owner:tccd_defaults")
-    text = (TINY / "tiny_kd.yaml").read_text() + "tccd:\n  contrastive_weight: 1\n"
-    cfg = load_config(_write(tmp_path / "kd.yaml", text))
-    assert cfg.tccd == {"contrastive_weight": 1.0, "temperature": 0.07, "enabled": True}
-    bad = (TINY / "tiny_kd.yaml").read_text() + "tccd:\n  temprature: 0.5\n"
-    with pytest.raises(
-        ConfigError, match=r"unknown key 'temprature' in tccd \(did you mean 'temperature'\?\)"
-    ):
-        load_config(_write(tmp_path / "bad.yaml", bad))
-    assert "tccd" not in load_config(TINY / "tiny_kd.yaml")
+def test_method_section_defaults(tmp_path: Path) -> None:
+    from guided_diffusion.distill import objective
+
+    fake = {"contrastive_weight": 0.1, "temperature": 0.07, "enabled": True}
+    objective.register("fake_method", lambda: dict(fake))
+    try:
+        text = (TINY / "tiny_kd.yaml").read_text() + "fake_method:\n  contrastive_weight: 1\n"
+        cfg = load_config(_write(tmp_path / "kd.yaml", text))
+        assert cfg.fake_method == {"contrastive_weight": 1.0, "temperature": 0.07, "enabled": True}
+        bad = (TINY / "tiny_kd.yaml").read_text() + "fake_method:\n  temprature: 0.5\n"
+        with pytest.raises(
+            ConfigError, match=r"unknown key 'temprature' in fake_method \(did you mean 'temperature'\?\)"
+        ):
+            load_config(_write(tmp_path / "bad.yaml", bad))
+    finally:
+        objective.unregister("fake_method")
+    assert "fake_method" not in load_config(TINY / "tiny_kd.yaml")
 
 
-def test_method_section_module_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(config_mod.METHOD_SECTIONS, "relational", "guided_diffusion.no_such_module:defaults")
-    assert load_config(TINY / "tiny_baseline.yaml").batch_size == 4  # absent module: fine while unused
-    text = (TINY / "tiny_baseline.yaml").read_text() + "relational:\n  weight: 1.0\n"
-    with pytest.raises(
-        ConfigError, match=r"r.yaml: section 'relational' needs guided_diffusion.no_such_module"
-    ):
+def test_unknown_method_section_is_named(tmp_path: Path) -> None:
+    text = (TINY / "tiny_kd.yaml").read_text() + "relatinal:\n  weight: 1.0\n"
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown section 'relatinal'.*did you mean 'relational'"):
         load_config(_write(tmp_path / "r.yaml", text))
+    flat = (TINY / "tiny_baseline.yaml").read_text() + "relational:\n  weight: 1.0\n"
+    with pytest.raises(ConfigError, match=r"unknown key 'relational'"):
+        load_config(_write(tmp_path / "flat.yaml", flat))
 
 
 # --- saving and the command line ----------------------------------------------------------------------------

@@ -14,13 +14,13 @@ from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpo
 from guided_diffusion import logger
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
 from guided_diffusion.distill.dkdm.cache import load_cache, save_cache
-from guided_diffusion.distill.loop import (
+from guided_diffusion.distill.dkdm.setup import (
     KDSetupError,
-    KDTrainLoop,
     check_diffusions,
     load_teacher,
     make_dynamic_batch,
 )
+from guided_diffusion.distill.loop import KDTrainLoop
 from guided_diffusion.infra.checkpoint import CheckpointMismatchError
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
@@ -76,13 +76,14 @@ class ScaledEps(torch.nn.Module):
     output layer starts at zero, its features do not)."""
 
     needs_features = True
+    base = False
 
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor(0.5))
         self.seen_features = None
 
-    def forward(self, loop, batch):
+    def forward(self, student, batch):
         self.seen_features = batch["student_features"]
         assert batch["student_output"].shape == batch["x_t"].shape[:1] + (6,) + batch["x_t"].shape[2:]
         per_item = batch["student_features"]["middle"].pow(2).flatten(1).mean(dim=1)
@@ -101,7 +102,7 @@ def _loop(cfg, tmp_path, prob=1.0, extra=None, **loop_kwargs):
     pool = make_dynamic_batch(section, cfg.student, teacher, teacher_diffusion, student_diffusion, device)
     pool.prepare(progress=False)
     return KDTrainLoop(
-        teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, extra_losses=extra,
+        teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, objectives=extra or {},
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size, microbatch=-1, lr=1e-3,
         ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="",
         run_dir=str(tmp_path / "run"), **loop_kwargs,
@@ -114,13 +115,13 @@ def test_student_clip_denoised_reaches_the_kd_objective(kd_files, tmp_path, monk
     seen = []
     for flag in (False, True):
         loop = _loop(load_config(config), tmp_path / str(flag), student_clip_denoised=flag)
-        original = loop.diffusion.training_losses_kd
+        original = loop.base.diffusion.training_losses_kd
 
         def spy(*args, original=original, **kwargs):
             seen.append(kwargs["clip_denoised"])
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(loop.diffusion, "training_losses_kd", spy)
+        monkeypatch.setattr(loop.base.diffusion, "training_losses_kd", spy)
         loop.compute_losses(*loop.next_batch())
     assert seen == [False, True]
     assert load_config(config).teacher.student_clip_denoised is False  # the authors' default

@@ -74,7 +74,7 @@ def _losses(run_dir: Path) -> list[dict[str, str]]:
 
 
 def _train_resume_sample(config: Path, run: Path, extra_args: tuple[str, ...] = ()) -> list[dict[str, str]]:
-    kd = _script("image_kd")
+    kd = _script("step_distill")
     kd.main(["--config", str(config), "--exp_dir", str(run / "a"), *extra_args])
     dist_util.cleanup()
     kd.main(["--config", str(config), "--exp_dir", str(run / "b"), *extra_args,
@@ -157,23 +157,25 @@ def test_dkdm_with_relational_section(files, tmp_path):
     assert "relation.memory.queue" in opt["extra_modules"]["relational"]
 
 
-def test_stage_flags_and_bad_grids(files, tmp_path):
-    kd, pd = _script("image_kd"), str(files / "pd.yaml")
-    with pytest.raises(ValueError, match="--teacher_steps 2: no integer stride"):
+def test_stage_flags_and_bad_grids(files, tmp_path, capsys):
+    kd, pd = _script("step_distill"), str(files / "pd.yaml")
+    with pytest.raises(SystemExit):
         kd.main(["--config", pd, "--exp_dir", str(tmp_path / "bad"), "--teacher_steps", "2"])
+    assert "--teacher_steps 2: no integer stride" in capsys.readouterr().err
     bad_grid = _write(files, "bad_grid.yaml", {"teacher": {"timestep_respacing": "ddim10"}})
     with pytest.raises(ValueError, match="two teacher steps"):
         kd.main(["--config", str(bad_grid), "--exp_dir", str(tmp_path / "bad2")])
     dist_util.cleanup()
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(SystemExit):
         kd.main(["--config", pd, "--exp_dir", str(tmp_path / "odd"), "--teacher_steps", "3"])
+    assert "even number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["Digits-PD-8to4.yaml", "Digits-RDD-8to4.yaml"])
 def test_digits_stage_configs_build_on_the_shipped_teacher(name):
     """The digits stages resolve, nest ddim8 -> ddim4 and load the shipped teacher (a few CPU steps of
     them are what the lead's GPU run repeats at full length)."""
-    from guided_diffusion.distill.loop import load_teacher
+    from guided_diffusion.distill.dkdm.setup import load_teacher
     from guided_diffusion.distill.progressive import StepDistiller
     from guided_diffusion.run_setup import build_model_and_diffusion
 

@@ -23,10 +23,12 @@ from guided_diffusion.distill.relational import (
     pixel_embeddings,
     pixel_relation_loss,
     projection_head,
-    relational_defaults,
     resolve_relational_config,
     select_unet_feature,
     unet_feature_channels,
+)
+from guided_diffusion.distill.relational import (
+    defaults as relational_defaults,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

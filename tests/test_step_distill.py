@@ -14,15 +14,10 @@ from guided_diffusion.distill.classifier import (
     load_classifier,
     save_classifier,
 )
-from guided_diffusion.distill.progressive import (
-    RelationalTerm,
-    StepDistiller,
-    ddim_target,
-    resolve_step_distill_config,
-    snr_weight,
-    teacher_step_plan,
-)
-from guided_diffusion.distill.relational import relational_defaults
+from guided_diffusion.distill.progressive import StepDistiller, resolve_step_distill_config, teacher_step_plan
+from guided_diffusion.distill.relational import RelationalTerm
+from guided_diffusion.distill.relational import defaults as relational_defaults
+from guided_diffusion.distill.targets import ddim_target, snr_weight
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 torch.set_num_threads(1)

@@ -1,5 +1,5 @@
 """TCCD in the DKDM loop: configs, the real loop's interactive teacher query and gradients, and a script run
-that trains, saves (with `tccd.` keys), resumes exactly and samples."""
+that trains, saves (its heads in the opt file), resumes exactly and samples."""
 
 import csv
 import subprocess
@@ -12,9 +12,13 @@ from script_env import ENV, PY, REPO
 
 from guided_diffusion import logger
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
-from guided_diffusion.distill.loop import KDTrainLoop, kd_loop_for, load_teacher, make_dynamic_batch
-from guided_diffusion.distill.tccd import TCCD_PREFIX, tccd_defaults
-from guided_diffusion.distill.tccd_loop import TCCDTrainLoop
+from guided_diffusion.distill import tccd as tccd_method
+from guided_diffusion.distill.dkdm.setup import load_teacher, make_dynamic_batch
+from guided_diffusion.distill.loop import KDTrainLoop
+from guided_diffusion.distill.objective import RunParts, find_method
+from guided_diffusion.distill.run import method_sections
+from guided_diffusion.distill.tccd import TCCDObjective
+from guided_diffusion.distill.tccd import defaults as tccd_defaults
 from guided_diffusion.infra.checkpoint import CheckpointMismatchError
 from guided_diffusion.run_setup import load_model_weights
 from guided_diffusion.script_util import create_model_and_diffusion
@@ -38,8 +42,8 @@ def test_tccd_yaml_is_its_dkdm_config_plus_every_tccd_knob(tccd_path):
     written = OmegaConf.load(REPO / "yaml" / tccd_path).tccd
     assert set(written) == set(tccd_defaults())  # every knob spelled out for users
     assert tccd.teacher == dkdm.teacher and tccd.student == dkdm.student
-    assert kd_loop_for(tccd) == (TCCDTrainLoop, {"tccd_config": tccd_defaults()})
-    assert kd_loop_for(dkdm) == (KDTrainLoop, {})
+    assert list(method_sections(tccd)) == ["tccd"] and method_sections(dkdm) == {}
+    assert find_method("tccd").build is tccd_method.build
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +89,14 @@ def _loop(cfg, tmp_path, **tccd):
     student, student_diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(cfg.student))
     pool = make_dynamic_batch(cfg.teacher, cfg.student, teacher, teacher_diffusion, student_diffusion, device)
     pool.prepare(progress=False)
-    loop = TCCDTrainLoop(
-        tccd_config={**dict(cfg.tccd), **tccd},
+    parts = RunParts(
+        teacher=teacher, teacher_diffusion=teacher_diffusion, student=student,
+        student_diffusion=student_diffusion, cfg=cfg, device=device, pool=pool,
+    )
+    objective = tccd_method.build({**dict(cfg.tccd), **tccd}, parts)
+    assert isinstance(objective, TCCDObjective) and objective.base
+    loop = KDTrainLoop(
+        objectives={"tccd": objective},
         teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool,
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size, microbatch=-1, lr=1e-3,
         ema_rate="0.9999", log_interval=0, save_interval=0, resume_checkpoint="",
@@ -118,8 +128,9 @@ def test_interactive_branch_queries_teacher_at_t_minus_1_on_students_own_state(f
 def test_gradients_reach_heads_and_student_time_embedding_and_heads_train(files, tmp_path):
     _, config = files
     loop, _ = _loop(load_config(config), tmp_path)
-    heads = dict(loop.tccd.named_parameters())
-    assert {n for n in heads if n.startswith("alignment.")} == set(heads) and "alignment.logit_scale" in heads
+    heads = dict(loop.base.named_parameters())
+    assert {n for n in heads if n.startswith("loss.alignment.")} == set(heads)
+    assert "loss.alignment.logit_scale" in heads
     optimized = {id(p) for p in loop.mp_trainer.params}
     assert all(id(p) in optimized for p in heads.values())
     batch = loop.next_batch()
@@ -134,17 +145,14 @@ def test_gradients_reach_heads_and_student_time_embedding_and_heads_train(files,
     assert all(not torch.equal(before[n], p) for n, p in heads.items())
 
 
-def test_plain_student_loads_tccd_checkpoint_but_other_extra_keys_fail(files, tmp_path):
+def test_tccd_state_lives_in_the_opt_file_not_the_model(files, tmp_path):
     _, config = files
     loop, _ = _loop(load_config(config), tmp_path)
-    state = loop.model.state_dict()
-    assert any(k.startswith(TCCD_PREFIX) for k in state)
-    torch.save(state, tmp_path / "model000000.pt")
+    assert not any(k.startswith(("tccd.", "loss.")) for k in loop.model.state_dict())
+    assert set(loop.extra_modules) == {"tccd"}
     student, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(load_config(config).student))
-    load_model_weights(student, str(tmp_path / "model000000.pt"))
-    for k, v in student.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    torch.save({**state, "relational.queue": torch.zeros(3)}, tmp_path / "bad.pt")
+    stray = {**loop.model.state_dict(), "tccd.alignment.logit_scale": torch.zeros(())}
+    torch.save(stray, tmp_path / "bad.pt")
     with pytest.raises(CheckpointMismatchError, match=r"bad\.pt.*1 unexpected"):
         load_model_weights(student, str(tmp_path / "bad.pt"))
 
@@ -167,12 +175,11 @@ def test_tccd_script_trains_saves_resumes_exactly_and_samples(files, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     short = ["--config", str(config), "--max_steps", "4", "--save_interval", "2"]
     _run("scripts/image_kd.py", [*short, "--exp_dir", str(full)])
-    for name in ("model000004.pt", "ema_0.9999_000004.pt"):
-        state = torch.load(full / name, weights_only=True)
-        assert any(k.startswith(TCCD_PREFIX + "alignment.") for k in state), name
+    opt = torch.load(full / "opt000004.pt", weights_only=True)
+    assert any(k.startswith("loss.alignment.") for k in opt["extra_modules"]["tccd"])
     rows = _progress(full)
     assert sorted(rows) == [1, 2, 3, 4]
-    for key in ("loss", "tccd_align", "tccd_align_acc", "tccd_tau", "tccd_total"):
+    for key in ("loss", "kd", "tccd_align", "tccd_align_acc", "tccd_tau"):
         assert all(rows[s][key] != "" for s in rows), key
     assert 0.01 <= float(rows[1]["tccd_tau"]) <= 1.0
     # interactive every 2 steps: steps 0 and 2 (logged as 1 and 3)
@@ -186,14 +193,13 @@ def test_tccd_script_trains_saves_resumes_exactly_and_samples(files, tmp_path):
     again = _progress(resumed)
     assert sorted(again) == [3, 4]
     for step in (3, 4):
-        for key in ("loss", "tccd_align", "tccd_tau", "tccd_total"):
+        for key in ("loss", "kd", "tccd_align", "tccd_tau"):
             assert again[step][key] == rows[step][key], (step, key)
 
     out = tmp_path / "samples"
-    proc = _run("scripts/image_sample.py", [
+    _run("scripts/image_sample.py", [
         "--config", str(config), "--model_path", str(full / "ema_0.9999_000004.pt"), "--batch_size", "2",
         "--num_samples", "2", "--timestep_respacing", "3", "--use_ddim", "False", "--output_dir", str(out),
     ])
-    assert f"training-only '{TCCD_PREFIX}' keys" in proc.stdout
     with np.load(out / "samples_2x16x16x3.npz") as npz:
         assert npz["arr_0"].shape == (2, 16, 16, 3) and npz["arr_0"].dtype == np.uint8

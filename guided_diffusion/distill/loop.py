@@ -1,60 +1,30 @@
-"""DKDM distillation: the student's loop fed by the dynamic batch, and the builders the scripts share.
+"""The pool-fed distillation loop: batches from DKDM's dynamic pool, the loss a sum of objectives.
 
-`KDTrainLoop` plugs into `TrainLoop`'s hooks: batches come from a `DynamicBatch`, the loss is the diffusion's
-`training_losses_kd`, the pool is saved as `teacher-state-NNNNNN.cache` with every checkpoint and restored on
-resume. Further objectives (TCCD, relational terms) register as `extra_losses` instead of copying the loop.
+`KDTrainLoop` plugs into `TrainLoop`'s hooks. Every step draws the pool once; the base objective (DKDM's
+`training_losses_kd`, or one that replaces it, such as TCCD's) runs the student and the extra objectives
+(relational terms, ...) add to it through the one interface of `objective.py`. The pool is saved as
+`teacher-state-NNNNNN.cache` with every checkpoint and restored on resume; objectives that are modules are
+optimized with the student and kept in the opt file.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .. import dist_util, logger
+from .. import logger
 from ..infra.compile_util import fast_frozen
-from ..infra.mixed_precision import resolve_precision
-from ..run_setup import build_model_and_diffusion, load_model_weights
 from ..train_util import TrainLoop
-from .dkdm.pool import ITERATIVE, DynamicBatch
+from .dkdm.objective import DKDMObjective
+from .dkdm.pool import DynamicBatch
+from .dkdm.setup import KDSetupError, check_diffusions
+from .objective import Objective
 
 POOL_PATTERN = "teacher-state-{step:06d}.cache"
 TEACHER_PREFIX = "teacher_"
-
-
-class KDSetupError(ValueError):
-    """Teacher and student (or their configs) cannot be distilled together; the message says why."""
-
-
-class ExtraLoss(Protocol):
-    """A term added to the DKDM loss: `loss(loop, batch)` returns per-item or scalar tensors by name; the
-    entry "loss" is added (item-weighted) to the objective, all entries are logged as `<name>_<key>`.
-    `parameters()` are trained with the student; `needs_features` asks for the student's features."""
-
-    needs_features: bool
-
-    def __call__(self, loop: KDTrainLoop, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
-
-    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
-
-
-class _StudentProbe:
-    """Calls the student like `training_losses_kd` does and keeps its raw output (and features if asked)."""
-
-    def __init__(self, model: torch.nn.Module, with_features: bool) -> None:
-        self.model = model
-        self.with_features = with_features
-        self.output: torch.Tensor | None = None
-        self.features: dict[str, Any] | None = None
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.with_features:
-            self.output, self.features = self.model(x, t, return_features=True, **kwargs)
-        else:
-            self.output = self.model(x, t, **kwargs)
-        return self.output
 
 
 class _PoolRNG:
@@ -70,13 +40,20 @@ class _PoolRNG:
         self.pool.load_rng_state(state)
 
 
-class KDTrainLoop(TrainLoop):
-    """The DKDM student loop: draws from `dynamic_batch`, trains on `training_losses_kd` toward the teacher.
+def _named(objectives: Mapping[str, Objective] | Sequence[Objective]) -> dict[str, Objective]:
+    if isinstance(objectives, Mapping):
+        return dict(objectives)
+    return {getattr(obj, "section", type(obj).__name__.lower()): obj for obj in objectives}
 
-    `batch_size` (per rank) must equal the pool's batch size; `tempfile` is the pool's start cache (prepared
-    there if absent). `cache_save_interval` > 0 also writes the pool every that many steps between
-    checkpoints. `student_clip_denoised` clamps the student's x0 in the vb term as the teacher's step does
-    (the authors' flag, off by default as in their loop; docs/DKDM.md). Remaining keyword arguments go to
+
+class KDTrainLoop(TrainLoop):
+    """The DKDM student loop: draws from `dynamic_batch` and trains on the sum of its objectives.
+
+    `objectives` maps section names to objectives (a list is named by each one's `section`). Unless one of
+    them is a base objective (`base = True`, e.g. TCCD's), DKDM's own `DKDMObjective` is the base, built
+    from `input_perturb` and `student_clip_denoised`. `batch_size` (per rank) must equal the pool's batch
+    size; `tempfile` is the pool's start cache (prepared there if absent). `cache_save_interval` > 0 also
+    writes the pool every that many steps between checkpoints. Remaining keyword arguments go to
     `TrainLoop`.
     """
 
@@ -90,7 +67,7 @@ class KDTrainLoop(TrainLoop):
         input_perturb: float = 0.0,
         student_clip_denoised: bool = False,
         cache_save_interval: int = -1,
-        extra_losses: Mapping[str, ExtraLoss] | None = None,
+        objectives: Mapping[str, Objective] | Sequence[Objective] = (),
         **kwargs: Any,
     ) -> None:
         student_diffusion = kwargs["diffusion"]
@@ -103,11 +80,19 @@ class KDTrainLoop(TrainLoop):
         self.teacher = teacher
         self.teacher_diffusion = teacher_diffusion
         self.dynamic_batch = dynamic_batch
-        self.input_perturb = float(input_perturb)
-        self.student_clip_denoised = bool(student_clip_denoised)
         self.cache_save_interval = int(cache_save_interval)
-        self.extra_losses: dict[str, ExtraLoss] = dict(extra_losses or {})
-        self._probe: _StudentProbe | None = None
+        named = _named(objectives)
+        bases = [name for name, obj in named.items() if obj.base]
+        if len(bases) > 1:
+            raise KDSetupError(f"objectives {bases} each replace the DKDM term; use one of them")
+        if bases:
+            self.base_name = bases[0]
+            self.base = named.pop(self.base_name)
+        else:
+            self.base_name = "dkdm"
+            self.base = DKDMObjective(student_diffusion, input_perturb, student_clip_denoised)
+        self.extras = named
+        self.base.keep_features = any(obj.needs_features for obj in self.extras.values())
         super().__init__(data=_PoolRNG(dynamic_batch), **kwargs)
         if dynamic_batch.total_t is None:
             dynamic_batch.setup(tempfile)
@@ -135,36 +120,40 @@ class KDTrainLoop(TrainLoop):
     def compute_losses(
         self, batch: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """DKDM's `training_losses_kd` (masked by the pool's keep weights) plus every registered extra."""
+        """The base objective, then every extra; per-item losses are weighted by the pool's keep weights
+        and averaged, scalar ones added. Logs the base terms as they are and the extras as
+        `<section>_<key>`."""
         kd = self.unpack(batch, cond)
-        needs_features = any(getattr(extra, "needs_features", False) for extra in self.extra_losses.values())
-        self._probe = _StudentProbe(self.ddp_model, needs_features)
-        losses = self.diffusion.training_losses_kd(
-            self._probe, kd["x_tm1"], kd["x_t"], kd["t"], kd["teacher_out"],
-            model_kwargs=kd["model_kwargs"], clip_denoised=self.student_clip_denoised,
-            input_perturb=self.input_perturb,
-        )
         weights = kd["weights"]
-        total = losses["loss"] * weights
-        terms = {k: v.detach() for k, v in losses.items()}
-        kd.update(student_output=self._probe.output, student_features=self._probe.features, terms=terms)
-        for name, extra in self.extra_losses.items():
-            for key, value in extra(self, kd).items():
-                if key == "loss":
-                    total = total + (value * weights if value.ndim == 1 else value)
-                terms[f"{name}_{key}"] = value.detach()
+        per_item: torch.Tensor | None = None
+        scalar: torch.Tensor | None = None
+        terms: dict[str, torch.Tensor] = {}
+        for name, objective in [(self.base_name, self.base), *self.extras.items()]:
+            out = objective(self.ddp_model, kd)
+            loss = out["loss"]
+            if loss.ndim == 1:
+                per_item = loss * weights if per_item is None else per_item + loss * weights
+            else:
+                scalar = loss if scalar is None else scalar + loss
+            prefix = "" if objective is self.base else f"{name}_"
+            terms.update({prefix + k: v.detach() for k, v in out.items()})
+        if per_item is not None:
+            total = per_item.mean() if scalar is None else per_item.mean() + scalar
+        else:
+            total = scalar
         terms["t"] = kd["t"]
-        return total.mean(), terms
+        return total, terms
 
     def unpack(self, batch: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """The microbatch as a dict: x_t, t, x_tm1, teacher_out (p_mean_variance keys), weights,
-        model_kwargs (whatever else `cond` holds, e.g. class labels)."""
+        """The microbatch as an objective's `batch`: x_t, t, x_tm1, teacher_out (p_mean_variance keys),
+        weights, step, model_kwargs (whatever else `cond` holds, e.g. class labels)."""
         own = {"t", "x_tm1", "weights"}
         return {
             "x_t": batch,
             "t": cond["t"],
             "x_tm1": cond["x_tm1"],
             "weights": cond["weights"],
+            "step": self.step,
             "teacher_out": {
                 k[len(TEACHER_PREFIX) :]: v for k, v in cond.items() if k.startswith(TEACHER_PREFIX)
             },
@@ -174,8 +163,9 @@ class KDTrainLoop(TrainLoop):
         }
 
     def extra_params(self) -> dict[str, torch.nn.Module]:
-        """Trainable extra losses (nn.Modules among `extra_losses`) are optimized and saved with the model."""
-        return {name: m for name, m in self.extra_losses.items() if isinstance(m, torch.nn.Module)}
+        """Objectives that are modules: optimized with the student, kept in the opt file."""
+        objectives = {self.base_name: self.base, **self.extras}
+        return {name: obj for name, obj in objectives.items() if isinstance(obj, torch.nn.Module)}
 
     def extra_state(self) -> dict:
         """The pool's mode and per-rank size; on resume the mode must match and the teacher-state file must
@@ -210,94 +200,3 @@ class KDTrainLoop(TrainLoop):
         if self.cache_save_interval > 0 and self.step % self.cache_save_interval == 0 and not at_checkpoint:
             path = os.path.join(self.run_dir, POOL_PATTERN.format(step=self.step))
             self.dynamic_batch.save(path, checksum=True)
-
-
-# --------------------------------------------------------------------------------------------- builders
-
-
-def kd_loop_for(cfg: Mapping[str, Any]) -> tuple[type[KDTrainLoop], dict[str, Any]]:
-    """The loop class for a KD config and its method keyword arguments: with a `tccd:` section the TCCD
-    loop (`tccd_util.TCCDTrainLoop`, docs/tccd.md), otherwise plain DKDM."""
-    if "tccd" in cfg:
-        from .tccd_loop import TCCDTrainLoop
-
-        return TCCDTrainLoop, {"tccd_config": dict(cfg["tccd"])}
-    return KDTrainLoop, {}
-
-
-def check_diffusions(teacher_diffusion: Any, student_diffusion: Any) -> None:
-    """Teacher and student may differ in respacing only if they keep the same number of steps T."""
-    t_teacher, t_student = teacher_diffusion.num_timesteps, student_diffusion.num_timesteps
-    if t_teacher != t_student:
-        raise KDSetupError(
-            f"teacher diffusion has T={t_teacher} steps but the student's has T={t_student}; DKDM trains the "
-            "student on the teacher's own steps, so set the same timestep_respacing/diffusion_steps"
-        )
-
-
-def check_sections(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> None:
-    """Pixel-space distillation needs the same image size, no class conditioning (as the authors)."""
-    if teacher["image_size"] != student["image_size"]:
-        raise KDSetupError(
-            f"teacher image_size {teacher['image_size']} != student image_size {student['image_size']}"
-        )
-    if teacher["class_cond"] or student["class_cond"]:
-        raise KDSetupError("class-conditional DKDM is not supported (class_cond must be false)")
-
-
-def load_teacher(section: Mapping[str, Any], device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """Build the teacher from its section and load `model_path` strictly; frozen, in eval mode."""
-    if not section["model_path"]:
-        raise KDSetupError("teacher.model_path is empty: DKDM needs a pretrained teacher checkpoint")
-    model, diffusion = build_model_and_diffusion(section, device)
-    load_model_weights(model, section["model_path"], section)
-    model.eval().requires_grad_(False)
-    return model, diffusion
-
-
-def make_dynamic_batch(
-    teacher_section: Mapping[str, Any],
-    student_section: Mapping[str, Any],
-    teacher: torch.nn.Module,
-    teacher_diffusion: Any,
-    student_diffusion: Any,
-    device: torch.device,
-) -> DynamicBatch:
-    """The pool for this rank from the config: B = student.batch_size / world size, rho = teacher.BATCH."""
-    world = dist_util.get_world_size()
-    return DynamicBatch(
-        teacher,
-        teacher_diffusion,
-        batch_size=student_section["batch_size"] // world,
-        image_shape=(3, teacher_section["image_size"], teacher_section["image_size"]),
-        iter_choice=teacher_section["iter_choice"],
-        rho=teacher_section["BATCH"],
-        student_timesteps=student_diffusion.num_timesteps,
-        prob=teacher_section["prob"],
-        prob_per_item=teacher_section["prob_per_item"],
-        teacher_batch_size=teacher_section["batch_size"],
-        clip_denoised=teacher_section["clip_denoised"],
-        precision=resolve_precision(teacher_section["precision"], teacher_section["use_fp16"]),
-        device=device,
-        rank=dist_util.get_rank(),
-        world_size=world,
-        seed=student_section["seed"],
-    )
-
-
-def check_tempfile(teacher_section: Mapping[str, Any]) -> str:
-    """The pool cache path, required for every mode that prepares a pool; a path to be written must be in a
-    writable folder."""
-    path = str(teacher_section["tempfile"])
-    if not path and teacher_section["iter_choice"] != ITERATIVE:
-        raise KDSetupError(f"teacher.tempfile is empty; {teacher_section['iter_choice']} needs a cache path")
-    if path and not os.path.exists(path):
-        # the pool is written here after it is computed: find out now, not after the teacher's work
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise KDSetupError(f"teacher.tempfile {path}: cannot create its folder: {exc.strerror}") from None
-        if not os.access(folder, os.W_OK):
-            raise KDSetupError(f"teacher.tempfile {path}: its folder {folder} is not writable")
-    return path

@@ -23,12 +23,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import dist_util
+from .objective import FeatureProbe
+from .targets import pred_xstart_from_output
 
-RELATIONAL_PREFIX = "relational."
 FEATURE_SOURCES = ("unet", "classifier")
 
 
-def relational_defaults() -> dict[str, Any]:
+def defaults() -> dict[str, Any]:
     """Every `relational:` YAML knob with its default; the source of each value is noted beside it."""
     return {
         "feature_source": "unet",  # "unet": a return_features tensor; "classifier": RCFD's classifier
@@ -49,7 +50,7 @@ def relational_defaults() -> dict[str, Any]:
 
 def resolve_relational_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`config` over the defaults, checked: unknown keys and bad values raise a one-line ValueError."""
-    resolved = relational_defaults()
+    resolved = defaults()
     for key, value in (config or {}).items():
         if key not in resolved:
             raise ValueError(f"relational: unknown key {key!r} (known: {', '.join(sorted(resolved))})")
@@ -338,3 +339,125 @@ class RelationalLoss(nn.Module):
             terms["logit"] = logit.detach()
         terms["loss"] = total
         return terms
+
+
+class RelationalTerm(nn.Module):
+    """RDD's relational loss with its feature source: the UNets' own features (teacher vs student at z_t)
+    or a frozen classifier applied to the teacher's and the student's x_0. Its trainable head and pixel
+    memory are its state (saved in the opt file by the loops); teacher and classifier are not.
+
+    As a DKDM objective (`relational:` section) it runs the teacher at the batch's x_t for its features.
+    """
+
+    base = False
+    section = "relational"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        student: nn.Module,
+        teacher: nn.Module,
+        classifier: nn.Module | None = None,
+        image_size: int | None = None,
+        teacher_diffusion: Any = None,
+        student_diffusion: Any = None,
+    ) -> None:
+        super().__init__()
+        self.teacher_diffusion = teacher_diffusion
+        self.student_diffusion = student_diffusion
+        self.source = config.get("feature_source", "unet")
+        self.unet_feature = config.get("unet_feature", "middle")
+        self.needs_features = self.source == "unet"
+        if self.source == "classifier":
+            if classifier is None:
+                raise ValueError(
+                    "relational: feature_source 'classifier' needs step_distill.classifier_path "
+                    "(or --classifier_path), a file from scripts/classifier_train.py"
+                )
+            from .classifier import feature_channels
+
+            channels = feature_channels(classifier, image_size or student.image_size)
+            s_channels = t_channels = channels
+        else:
+            s_channels = unet_feature_channels(student.feature_channels(), self.unet_feature)
+            t_channels = unet_feature_channels(teacher.feature_channels(), self.unet_feature)
+        self.relation = RelationalLoss(s_channels, t_channels, dict(config))
+        # Plain tuple: the frozen networks are neither trained nor saved with this module.
+        self._frozen = (teacher, classifier)
+
+    def compare(
+        self,
+        *,
+        student_feats: Mapping[str, Any] | None = None,
+        teacher_feats: Mapping[str, Any] | None = None,
+        student_x0: torch.Tensor | None = None,
+        teacher_x0: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Relational terms from UNet feature dicts (unet source) or from x_0 images (classifier source)."""
+        if self.needs_features:
+            if student_feats is None or teacher_feats is None:
+                raise ValueError("relational: unet features were not captured for this batch")
+            return self.relation(
+                select_unet_feature(student_feats, self.unet_feature),
+                select_unet_feature(teacher_feats, self.unet_feature),
+            )
+        from .classifier import features_and_logits
+
+        classifier = self._frozen[1]
+        with torch.no_grad():
+            t_map, t_logits = features_and_logits(classifier, teacher_x0.float())
+        s_map, s_logits = features_and_logits(classifier, student_x0.float())
+        return self.relation(s_map, t_map, s_logits, t_logits)
+
+    def forward(self, student: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The DKDM objective call: teacher features at the batch's x_t (unet source) or the x_0 of the
+        pool's teacher output and of the student's output (classifier source); the student's own output
+        and features come from the base objective."""
+        x_t, t, kwargs = batch["x_t"], batch["t"], batch["model_kwargs"]
+        if self.needs_features:
+            probe = FeatureProbe(self._frozen[0], True)
+            with torch.no_grad():
+                self.teacher_diffusion.p_mean_variance(probe, x_t, t, model_kwargs=kwargs)
+            return self.compare(student_feats=batch["student_features"], teacher_feats=probe.features)
+        teacher_eps = batch["teacher_out"]["model_output"]
+        return self.compare(
+            student_x0=pred_xstart_from_output(self.student_diffusion, x_t, t, batch["student_output"]),
+            teacher_x0=pred_xstart_from_output(self.teacher_diffusion, x_t, t, teacher_eps),
+        )
+
+
+
+
+def build_relational_term(
+    cfg: Mapping[str, Any],
+    student: nn.Module,
+    teacher: nn.Module,
+    classifier_path: str = "",
+    device: torch.device | str = "cpu",
+    teacher_diffusion: Any = None,
+    student_diffusion: Any = None,
+) -> RelationalTerm | None:
+    """The `relational:` section as a term for either loop (None without the section); the classifier is
+    loaded from `classifier_path` when the feature source asks for it."""
+    if "relational" not in cfg:
+        return None
+    rel = dict(cfg["relational"])
+    classifier = None
+    if rel.get("feature_source") == "classifier" and classifier_path:
+        from .classifier import load_classifier
+
+        classifier = load_classifier(classifier_path, device)
+    return RelationalTerm(
+        rel, student, teacher, classifier, teacher_diffusion=teacher_diffusion,
+        student_diffusion=student_diffusion,
+    ).to(device)
+
+
+
+
+def build(config: Mapping[str, Any], parts: Any) -> RelationalTerm:
+    """The `relational:` section's objective for a DKDM run (`parts`: objective.RunParts)."""
+    return build_relational_term(
+        {"relational": config}, parts.student, parts.teacher, parts.classifier_path, parts.device,
+        parts.teacher_diffusion, parts.student_diffusion,
+    )

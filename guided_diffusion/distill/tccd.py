@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TCCD_PREFIX = "tccd."
+from .. import logger
+from .objective import FeatureProbe
+
 NOISE_SOURCES = ("teacher_eps", "student_mid")
 MIN_TEMPERATURE = 0.01  # CLIP clamps the logit scale at 100
 MAX_TEMPERATURE = 1.0
@@ -25,7 +27,7 @@ _KD_KEYS = ("mean", "log_variance", "model_output")
 TeacherQuery = Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
 
 
-def tccd_defaults() -> dict[str, Any]:
+def defaults() -> dict[str, Any]:
     """Every `tccd:` YAML knob with its default (docs/tccd.md says why each value)."""
     return {
         "align_weight": 0.1,
@@ -43,7 +45,7 @@ def tccd_defaults() -> dict[str, Any]:
 
 def resolve_tccd_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`config` over the defaults, checked: unknown keys and bad values raise a one-line ValueError."""
-    resolved = tccd_defaults()
+    resolved = defaults()
     for key, value in (config or {}).items():
         if key not in resolved:
             raise ValueError(f"tccd: unknown key {key!r} (known: {', '.join(sorted(resolved))})")
@@ -66,25 +68,6 @@ def resolve_tccd_config(config: Mapping[str, Any] | None = None) -> dict[str, An
         if not ok:
             raise ValueError(f"tccd: {key} {rule}, got {resolved[key]!r}")
     return resolved
-
-
-def split_prefixed_state(
-    state_dict: Mapping[str, torch.Tensor], prefix: str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a checkpoint into the model's own keys and the `prefix`-ed extra module (prefix stripped)."""
-    model_sd: dict[str, torch.Tensor] = {}
-    extra_sd: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith(prefix):
-            extra_sd[key[len(prefix) :]] = value
-        else:
-            model_sd[key] = value
-    return model_sd, extra_sd
-
-
-def add_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The inverse of `split_prefixed_state` for the extra part: every key gets `prefix`."""
-    return {prefix + key: value for key, value in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,20 +268,6 @@ def interactive_guidance_loss(
 # The bundled loss
 
 
-class _FeatureCapture:
-    """Calls the model with `return_features=True`, keeps the features and hands back only the output."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.feats: dict[str, Any] | None = None
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.feats is not None:
-            raise RuntimeError("TCCD expects a single student forward per training_losses_kd call")
-        out, self.feats = self.model(x, t, return_features=True, **kwargs)
-        return out
-
-
 class TCCDLoss(nn.Module):
     """DKDM objective + align_weight * L_align + interactive_weight * L_interactive in one student forward.
 
@@ -347,12 +316,14 @@ class TCCDLoss(nn.Module):
         step: int,
         clip_denoised: bool = True,
         student_clip_denoised: bool = False,
+        capture: FeatureProbe | None = None,
         **kd_kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """Terms for one (micro)batch as `DynamicBatch.draw` gives it (x_t, t, teacher_out, weights,
         model_kwargs). `loss` is the scalar to backpropagate; the rest are detached for logging.
         `clip_denoised` applies to the student's own step, `student_clip_denoised` to the student's x0 in the
-        vb term; `kd_kwargs` (e.g. input_perturb) go to `training_losses_kd`."""
+        vb term; `kd_kwargs` (e.g. input_perturb) go to `training_losses_kd`. `capture` (a featured
+        `FeatureProbe` of the student) is the probe to use, for callers that read the output afterwards."""
         x_t, t, teacher_out = batch["x_t"], batch["t"], batch["teacher_out"]
         n = x_t.shape[0]
         weights = batch.get("weights")
@@ -376,7 +347,7 @@ class TCCDLoss(nn.Module):
                 outs.append({k: out_i[k] for k in _KD_KEYS})
                 kwargs_parts.append(_select_kwargs(model_kwargs, keep))
 
-        capture = _FeatureCapture(student)
+        capture = capture or FeatureProbe(student, keep=True)
         terms = diffusion.training_losses_kd(
             capture,
             x_t=torch.cat(xs),
@@ -399,7 +370,7 @@ class TCCDLoss(nn.Module):
             if key in terms:
                 out[key] = terms[key][:n].detach()
         if self.alignment is not None:
-            feats = capture.feats
+            feats = capture.features
             if feats is None:
                 raise RuntimeError("training_losses_kd did not call the student; TCCD needs its features")
             if self.config["noise_source"] == "teacher_eps":
@@ -412,3 +383,84 @@ class TCCDLoss(nn.Module):
             out.update(stats)
         out["loss"] = total
         return out
+
+
+def _first_items(features: Any, n: int) -> Any:
+    """The UNet feature structure (dicts and lists of [N, ...] tensors) cut to its first `n` items."""
+    if isinstance(features, torch.Tensor):
+        return features[:n]
+    if isinstance(features, Mapping):
+        return {k: _first_items(v, n) for k, v in features.items()}
+    return [_first_items(v, n) for v in features]
+
+
+class TCCDObjective(nn.Module):
+    """TCCD as the base objective of the DKDM loop (`tccd:` section): `TCCDLoss` on the pool's batch, with
+    the teacher queried through the pool (`teacher_query`) at the pool's precision. Terms: `loss` (the
+    TCCD total), `kd` (DKDM's per-item term), mse, vb, `tccd_align`, `tccd_align_acc`, `tccd_tau` and on
+    interactive steps `tccd_interactive` and `tccd_interactive_items`."""
+
+    base = True
+    needs_features = False
+    section = "tccd"
+
+    def __init__(
+        self,
+        student: nn.Module,
+        diffusion: Any,
+        teacher_query: TeacherQuery,
+        config: Mapping[str, Any] | None = None,
+        clip_denoised: bool = True,
+        input_perturb: float = 0.0,
+        student_clip_denoised: bool = False,
+    ) -> None:
+        super().__init__()
+        self.loss = TCCDLoss.for_student(student, config)
+        self.diffusion = diffusion
+        self.teacher_query = teacher_query
+        self.clip_denoised = clip_denoised
+        self.input_perturb = float(input_perturb)
+        self.student_clip_denoised = bool(student_clip_denoised)
+        self.keep_features = False
+
+    def forward(self, student: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        capture = FeatureProbe(student, keep=True)
+        out = self.loss(
+            student, self.diffusion, batch, self._query, batch["step"], clip_denoised=self.clip_denoised,
+            input_perturb=self.input_perturb, student_clip_denoised=self.student_clip_denoised,
+            capture=capture,
+        )
+        n = batch["x_t"].shape[0]  # the pool's items come first, the interactive ones after them
+        batch.update(
+            student_output=capture.output[:n], student_features=_first_items(capture.features, n)
+        )
+        terms: dict[str, torch.Tensor] = {"loss": out["loss"], "kd": out["kd"]}
+        for key in ("mse", "vb"):
+            if key in out:
+                terms[key] = out[key]
+        if "align" in out:
+            terms["tccd_align"] = out["align"]
+            terms["tccd_align_acc"] = out["align_acc"]
+            terms["tccd_tau"] = out["align_temperature"]
+        if self.loss.interactive_now(batch["step"]):
+            terms["tccd_interactive"] = out["interactive"]
+            terms["tccd_interactive_items"] = out["interactive_count"]
+        return terms
+
+    def _query(self, x: torch.Tensor, t: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        """The teacher's answer with the student's autocast off, so the pool's teacher precision applies."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.teacher_query(x, t)
+
+
+def build(config: Mapping[str, Any], parts: Any) -> TCCDObjective:
+    """The `tccd:` section's objective for a DKDM run (`parts`: objective.RunParts)."""
+    teacher = parts.cfg["teacher"]
+    objective = TCCDObjective(
+        parts.student, parts.student_diffusion, parts.pool.teacher_prediction, resolve_tccd_config(config),
+        clip_denoised=parts.pool.clip_denoised, input_perturb=teacher["input_perturb"],
+        student_clip_denoised=teacher["student_clip_denoised"],
+    ).to(parts.device)
+    n_params = sum(p.numel() for p in objective.parameters())
+    logger.log(f"TCCD: {n_params:,} extra parameters (kept in the opt file); config {objective.loss.config}")
+    return objective
