@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import sys
@@ -43,9 +42,9 @@ from guided_diffusion.distill.dkdm.pool import DynamicBatch  # noqa: E402
 from guided_diffusion.distill.loop import KDTrainLoop  # noqa: E402
 from guided_diffusion.infra.atomic_io import atomic_write_text  # noqa: E402
 from guided_diffusion.infra.compile_util import FastPath, fast_frozen  # noqa: E402
+from guided_diffusion.model_cost import forward_cost  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
-from guided_diffusion.unet import QKVAttention  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 DIFFUSION_YAML = "yaml/cifar10_32/diffusion.yaml"
@@ -124,26 +123,6 @@ def build(arch: str, tiny: bool, device: torch.device):
     return model.to(device), diffusion
 
 
-def forward_flops(model: torch.nn.Module) -> float:
-    """FLOPs of one batch-1 forward: thop's 2*MACs of the layers plus the attention matmuls thop misses."""
-    from thop import profile
-
-    probe = copy.deepcopy(model).float().cpu().eval()
-    attn: list[float] = []
-
-    def count(module: QKVAttention, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        _, width, length = inputs[0].shape
-        attn.append(4.0 * length * length * width / 3)  # q@k^T and w@v: 2 * (2 * L^2 * C) per item
-
-    hooks = [m.register_forward_hook(count) for m in probe.modules() if isinstance(m, QKVAttention)]
-    x = torch.zeros(1, probe.in_channels, probe.image_size, probe.image_size)
-    with torch.no_grad():
-        macs, _ = profile(probe, inputs=(x, torch.zeros(1)), verbose=False)
-    for h in hooks:
-        h.remove()
-    return 2.0 * float(macs) + sum(attn)
-
-
 def _random_pool(pool: DynamicBatch, seed: int) -> None:
     """Fill the pool with random states at random steps (what a prepared pool looks like, minus the cost)."""
     rng = np.random.default_rng(seed)
@@ -184,14 +163,14 @@ def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_d
     batch = case.tiny_batch if tiny else case.batch
     torch.manual_seed(0)
     model, diffusion = build(case.model, tiny, device)
-    fwd = forward_flops(model) * batch
+    fwd = forward_cost(model)["flops"] * batch
     if case.kind == "train":
         loop = _train_loop(model, diffusion, batch, opts, run_dir)
         x = torch.randn(batch, 3, model.image_size, model.image_size, device=device).clamp(-1, 1)
         return (lambda: loop.run_step(x, {})), 3 * fwd
     if case.kind == "kd":
         teacher, t_diffusion = build(case.teacher, tiny, device)
-        t_fwd = forward_flops(teacher) * batch
+        t_fwd = forward_cost(teacher)["flops"] * batch
         loop = _kd_loop(model, diffusion, teacher, t_diffusion, batch, opts, run_dir)
         return (lambda: loop.run_step(*loop.next_batch())), 3 * fwd + t_fwd
     model = model.eval().requires_grad_(False)

@@ -10,7 +10,6 @@ yaml/digits_16/demo.yaml.
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import datetime
 import io
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import REPO_ROOT, ConfigError, load_config, save_config
 from .infra.checkpoint import atomic_write_bytes
+from .model_cost import forward_cost
 from .run_setup import build_model_and_diffusion
 from .sampling import save_grid
 
@@ -82,16 +82,9 @@ def build_demo_config(schedule: Mapping[str, Any], teacher_path: str, cache_path
 
 
 def model_cost(model: torch.nn.Module, image_size: int) -> dict[str, float]:
-    """Parameter count and thop multiply-accumulates of one forward pass on a single image."""
-    from thop import profile
-
-    probe = copy.deepcopy(model).float().eval()
-    device = next(probe.parameters()).device
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.no_grad():
-        macs, _ = profile(probe, inputs=(x, t), verbose=False)
-    return {"params": int(sum(p.numel() for p in model.parameters())), "gmacs": float(macs) / 1e9}
+    """Parameter count and thop multiply-accumulates (GMACs) of one forward pass on a single image."""
+    cost = forward_cost(model, image_size)
+    return {"params": int(cost["params"]), "gmacs": cost["macs"] / 1e9}
 
 
 def read_loss_curve(progress_csv: str | os.PathLike) -> dict[str, list[float]]:

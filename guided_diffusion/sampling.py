@@ -6,7 +6,6 @@ from (seed, k, r), so a run is reproducible for a given world size. Rank 0 gathe
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
@@ -20,6 +19,7 @@ from PIL import Image
 from . import dist_util, logger
 from .infra.checkpoint import atomic_write_bytes
 from .infra.compile_util import FastPath, fast_frozen
+from .infra.mixed_precision import autocast_context
 
 if TYPE_CHECKING:
     from .gaussian_diffusion import GaussianDiffusion
@@ -29,13 +29,6 @@ _SEED_STRIDE = 1_000_003  # keeps the per-(rank, round) seeds of different base 
 
 def _round_seed(seed: int, rank: int, round_index: int) -> int:
     return (seed * _SEED_STRIDE + rank * 7_919 + round_index) % (2**63 - 1)
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    if dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def to_uint8_nhwc(sample: torch.Tensor) -> torch.Tensor:
@@ -94,7 +87,7 @@ def sample_images_and_labels(
                 if class_cond:
                     model_kwargs["y"] = torch.randint(0, num_classes, (n,), device=device)
                 noise = torch.randn(n, 3, image_size, image_size, device=device)
-                with _autocast(precision, device):
+                with autocast_context(precision, device):
                     sample = loop(
                         net, (n, 3, image_size, image_size), noise=noise, clip_denoised=clip_denoised,
                         model_kwargs=model_kwargs, device=device, progress=False,

@@ -404,17 +404,10 @@ class TrainLoop:
 
     def _flops_per_forward(self) -> str:
         try:
-            from thop import profile
+            from .model_cost import forward_cost
 
-            image_size = self.model.image_size
-            probe = copy.deepcopy(self.model).eval()
-            x = torch.zeros(1, self.model.in_channels, image_size, image_size, device=self.device)
-            inputs = [x, torch.zeros(1, device=self.device)]
-            if getattr(self.model, "num_classes", None):
-                inputs.append(torch.zeros(1, dtype=torch.long, device=self.device))
-            with torch.no_grad():
-                macs, _ = profile(probe, inputs=tuple(inputs), verbose=False)
-            return f"{2 * macs / 1e9:.3f} GFLOPs ({macs / 1e9:.3f} GMACs)"
+            cost = forward_cost(self.model)
+            return f"{cost['flops'] / 1e9:.3f} GFLOPs ({cost['macs'] / 1e9:.3f} GMACs + attention)"
         except Exception as exc:  # thop fails on unusual modules; the count is informative only
             logger.log(f"FLOP count failed: {type(exc).__name__}: {exc}")
             return "n/a"

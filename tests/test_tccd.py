@@ -203,3 +203,32 @@ def test_tccd_script_trains_saves_resumes_exactly_and_samples(files, tmp_path):
     ])
     with np.load(out / "samples_2x16x16x3.npz") as npz:
         assert npz["arr_0"].shape == (2, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+
+
+def test_tccd_and_relational_compose_in_one_run(files, tmp_path):
+    """A config with both sections: TCCD is the base, the relational term reads the student's output and
+    features of the pool's items (not the interactive ones) and both terms are logged and trained."""
+    from guided_diffusion.distill.run import build_run
+
+    _, config = files
+    raw = OmegaConf.load(config)
+    raw.relational = {"queue_size": 64, "num_anchors": 16}
+    OmegaConf.save(raw, tmp_path / "both.yaml")
+    logger.configure(str(tmp_path / "run"), format_strs=[])
+    loop = build_run(load_config(tmp_path / "both.yaml"), str(tmp_path / "run"), device=torch.device("cpu"))
+    assert isinstance(loop.base, TCCDObjective) and set(loop.extras) == {"relational"}
+    assert set(loop.extra_modules) == {"tccd", "relational"}
+    seen = {}
+    original = loop.extras["relational"].forward
+
+    def spy(student, batch):
+        seen["n"] = batch["student_output"].shape[0]
+        seen["feature_n"] = batch["student_features"]["middle"].shape[0]
+        return original(student, batch)
+
+    loop.extras["relational"].forward = spy
+    loop.step = 0  # interactive every 2 steps: step 0 appends the students' own states
+    loss, terms = loop.compute_losses(*loop.next_batch())
+    assert seen == {"n": 4, "feature_n": 4}
+    assert {"kd", "tccd_align", "tccd_interactive", "relational_loss"} <= set(terms)
+    assert torch.isfinite(loss) and loss.ndim == 0

@@ -282,3 +282,21 @@ def test_argparser_round_trip_parses_bools_and_numbers():
     assert str2bool("Y") is True and str2bool("0") is False
     with pytest.raises(argparse.ArgumentTypeError, match="maybe"):
         str2bool("maybe")
+
+
+def test_forward_cost_counts_layers_and_attention():
+    from guided_diffusion.model_cost import forward_cost
+    from guided_diffusion.script_util import create_model
+
+    common = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", num_heads=2,
+                  learn_sigma=False, class_cond=False)
+    costs = {}
+    for attention in ("8", ""):  # the middle block attends at 8x8 either way
+        model = create_model(**common, attention_resolutions=attention)
+        blocks = sum(1 for m in model.modules() if type(m).__name__ == "QKVAttention")
+        cost = forward_cost(model)
+        # per block, q@k^T and w@v are 2 * L^2 * C FLOPs each: L = 64 positions, C = 64 channels at 8x8
+        assert cost["attention_flops"] == blocks * 4.0 * 64 * 64 * 64
+        assert cost["flops"] == 2 * cost["macs"] + cost["attention_flops"]
+        costs[attention] = (blocks, cost)
+    assert costs["8"][0] > costs[""][0] == 1 and costs["8"][1]["flops"] > costs[""][1]["flops"]

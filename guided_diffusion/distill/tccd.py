@@ -3,7 +3,7 @@
 Two terms join DKDM's `training_losses_kd`: a timestep-noise alignment (a CLIP-style symmetric InfoNCE between
 the student's timestep embedding and an encoding of the noise at the same state, items sharing a timestep
 being positives of each other) and interactive guidance (the student takes its own step x_t -> x~_{t-1} and
-is trained toward the teacher's prediction there). docs/tccd.md gives the equations and the knobs.
+is trained toward the teacher's prediction there). docs/TCCD.md gives the equations and the knobs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TeacherQuery = Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]
 
 
 def defaults() -> dict[str, Any]:
-    """Every `tccd:` YAML knob with its default (docs/tccd.md says why each value)."""
+    """Every `tccd:` YAML knob with its default (docs/TCCD.md says why each value)."""
     return {
         "align_weight": 0.1,
         "interactive_weight": 0.5,

@@ -10,7 +10,7 @@ non-finite step is skipped without a host synchronisation (fused AdamW reads `fo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 
@@ -23,6 +23,20 @@ _GROWTH = 2.0
 
 class NonFiniteLossError(RuntimeError):
     """Raised when too many consecutive optimizer steps had non-finite gradients."""
+
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_context(
+    precision: str, device: torch.device, *, cuda_only: bool = True, cache_enabled: bool = True
+) -> contextlib.AbstractContextManager:
+    """The one autocast switch: `precision` ("fp32", "fp16", "bf16") on `device` (CUDA only unless
+    `cuda_only` is False); a no-op for fp32."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None or (cuda_only and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def resolve_precision(precision: str, use_fp16: bool = False) -> str:
@@ -87,19 +101,13 @@ class MixedPrecisionTrainer:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The compute dtype under autocast, or None for plain fp32."""
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        return AUTOCAST_DTYPES.get(self.precision)
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Context for forward passes: autocast in the chosen dtype on CUDA, a no-op for fp32."""
-        dtype = self.autocast_dtype
-        if dtype is None:
-            yield
-            return
-        # No cast cache: each weight is cast where it is used, which CUDA graphs of the student need (a
-        # cached cast would be recorded once and go stale after the optimizer step).
-        with torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False):
-            yield
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes: autocast in the chosen dtype, a no-op for fp32. No cast cache: each
+        weight is cast where it is used, which CUDA graphs of the student need (a cached cast would be
+        recorded once and go stale after the optimizer step)."""
+        return autocast_context(self.precision, self.device, cuda_only=False, cache_enabled=False)
 
     @property
     def lg_loss_scale(self) -> torch.Tensor:

@@ -11,7 +11,6 @@ advanced per step) and ``iterative_distillation`` (B trajectories from noise in 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ... import logger
+from ...infra.mixed_precision import autocast_context
 from .cache import CacheError, load_cache, save_cache, validate_cache
 
 DYNAMIC = "dynamic_iterative_distillation"
@@ -161,7 +161,7 @@ class DynamicBatch:
         self.prob_per_item = bool(prob_per_item)
         self.teacher_batch_size = int(teacher_batch_size)
         self.clip_denoised = bool(clip_denoised)
-        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.precision = precision
         self.device = torch.device(device)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.size = pool_size(iter_choice, rho, student_timesteps or self.T, self.batch_size)
@@ -180,11 +180,6 @@ class DynamicBatch:
 
     # ----------------------------------------------------------------------------------------------------
     # Teacher steps
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is not None and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=self.autocast_dtype)
-        return contextlib.nullcontext()
 
     def _noise(self, n: int) -> torch.Tensor:
         return torch.randn((n, *self.image_shape), generator=self.noise_gen, device=self.device)
@@ -206,7 +201,7 @@ class DynamicBatch:
         return x_tm1, out
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast_context(self.precision, self.device):
             out = self.diffusion.p_mean_variance(self.teacher, x_t, t, clip_denoised=self.clip_denoised)
             return {k: v.float() for k, v in out.items()}
 
