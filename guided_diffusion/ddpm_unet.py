@@ -247,7 +247,8 @@ def save_rcfd_checkpoint(
     models), `T` (the model's steps), `time_scale` (T * time_scale = 1024 in the published chain), `x_T`."""
     from .infra.checkpoint import atomic_torch_save
 
-    payload: dict[str, Any] = {"net_model": net_model.state_dict(), "T": int(T), "time_scale": int(time_scale)}
+    payload: dict[str, Any] = {"net_model": net_model.state_dict(), "T": int(T)}
+    payload["time_scale"] = int(time_scale)
     if ema_model is not None:
         payload["ema_model"] = ema_model.state_dict()
     payload["x_T"] = x_T.detach().cpu()

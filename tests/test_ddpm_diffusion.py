@@ -33,7 +33,8 @@ def test_schedule_tables_are_the_authors(ref):
     grid = ref["grid"]
     index = torch.tensor(grid["student_sample_index"])
     torch.testing.assert_close(schedule.alphas_bar[index], grid["alpha_bar_at_student_sample_index"])
-    assert [s * grid["student_time_scale"] for s in grid["student_sample_steps"]] == grid["student_sample_index"]
+    student = [s * grid["student_time_scale"] for s in grid["student_sample_steps"]]
+    assert student == grid["student_sample_index"]
     teacher = [s * grid["teacher_time_scale"] for s in range(grid["teacher_T"], -1, -1)]
     assert teacher == grid["teacher_index_grid"]
 

@@ -66,7 +66,8 @@ def test_rcfd_checkpoint_layout_loads_strictly_with_the_authors_rule(tmp_path):
     kwargs = {k: v for k, v in cfg.items() if k != "T"}
     base, meta = load_rcfd_checkpoint(str(tmp_path / "base.pt"), **kwargs)
     assert meta["which"] == "ema_model" and meta["T"] == 1024 and base.T == 1024
-    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), ema.state_dict().values()))
+    loaded, saved = base.state_dict(), ema.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     student, meta = load_rcfd_checkpoint(str(tmp_path / "pd.pt"), **kwargs)
     assert meta["which"] == "net_model" and (meta["T"], meta["time_scale"]) == (8, 128) and student.T == 1024
     assert torch.equal(meta["x_T"], x_T)
