@@ -71,10 +71,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 TEACHER_DEFAULTS: dict[str, Any] = {
     "prob": 1.0,
     "prob_per_item": False,  # ours: drop single items from the loss instead of the authors' whole batch
-    "BATCH": 0.4,
+    "BATCH": 0.4,  # rho (alias `rho`): the pool holds round(rho * T) * student batch_size states
     "input_perturb": 0.0,
     "student_clip_denoised": False,  # the authors' KDTrainLoop flag: clamp the student's x0 in the vb term
-    "batch_size": 1,
+    "batch_size": 1,  # alias `prepare_batch_size`: teacher states advanced per call while preparing the pool
     "model_path": "",
     "iter_choice": "dynamic_iterative_distillation",
     "tempfile": "",
@@ -347,10 +347,27 @@ def _check_respacing(section: dict[str, Any], source: str, where: str) -> None:
 # Building sections
 
 
+# Clear names for the authors' teacher keys (their YAMLs keep working): alias -> the key it sets.
+TEACHER_ALIASES = {"rho": "BATCH", "prepare_batch_size": "batch_size"}
+
+
+def _apply_aliases(raw: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    """Rename alias keys to the authors' keys; giving both spellings is a ConfigError."""
+    resolved = dict(raw)
+    for alias, key in TEACHER_ALIASES.items():
+        if alias in resolved:
+            if key in resolved:
+                raise ConfigError(f"{source}: {where} sets both '{alias}' and '{key}' (the same setting)")
+            resolved[key] = resolved.pop(alias)
+    return resolved
+
+
 def _resolve_section(
     raw: dict[str, Any], kind: str, source: str, where: str, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Merge arch file < diffusion file < section keys < overrides, fill defaults, validate."""
+    if kind == "teacher":
+        raw = _apply_aliases(raw, source, where)
     defaults = section_defaults(kind)
     valid = sorted([*defaults, *PATH_KEYS])
     _check_keys(raw, valid, source, where)

@@ -321,3 +321,14 @@ def test_cli_flags_override(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         parse_config_args(parser, ["--config", str(bad)])
     assert info.value.code == 2
+
+
+def test_teacher_aliases_name_the_authors_keys(tmp_path: Path) -> None:
+    base = (TINY / "tiny_kd.yaml").read_text()
+    aliased = base.replace("  BATCH: 0.4\n", "  rho: 0.2\n")
+    aliased = aliased.replace("  batch_size: 8\n", "  prepare_batch_size: 16\n", 1)
+    cfg = load_config(_write(tmp_path / "alias.yaml", aliased))
+    assert cfg.teacher.BATCH == 0.2 and cfg.teacher.batch_size == 16 and "rho" not in cfg.teacher
+    both = base.replace("  BATCH: 0.4\n", "  BATCH: 0.4\n  rho: 0.2\n")
+    with pytest.raises(ConfigError, match=r"both.yaml: teacher sets both 'rho' and 'BATCH'"):
+        load_config(_write(tmp_path / "both.yaml", both))
