@@ -405,9 +405,17 @@ def _resolve_method(name: str, raw: Any, source: str) -> dict[str, Any]:
         defaults = method_defaults(name)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    _check_keys(raw, sorted(defaults), source, name)
+    return resolve_with_defaults(raw, defaults, source, name)
+
+
+def resolve_with_defaults(
+    raw: Mapping[str, Any], defaults: Mapping[str, Any], source: str, where: str
+) -> dict[str, Any]:
+    """`raw` over `defaults`: unknown keys (with the nearest name) and values of the wrong type are a
+    one-line ConfigError naming `source` and `where`."""
+    _check_keys(raw, sorted(defaults), source, where)
     merged = dict(defaults)
-    merged.update({key: _coerce(key, value, defaults.get(key), source, name) for key, value in raw.items()})
+    merged.update({key: _coerce(key, value, defaults.get(key), source, where) for key, value in raw.items()})
     return merged
 
 

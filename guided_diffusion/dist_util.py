@@ -216,6 +216,15 @@ def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [p[: s[0]].to(tensor.device) for p, s in zip(parts, shapes, strict=True)]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order."""
+    if not (_active() and get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` (any picklable object) on every rank."""
     if not (_active() and get_world_size() > 1):

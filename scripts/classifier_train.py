@@ -6,6 +6,9 @@
 
 Any timm model name works (`pretrained=False`, nothing downloaded); DenseNet/ResNet stems are adapted to
 small images. The file holds the weights and how to rebuild them (step_distill.classifier_path reads it).
+`--layout rdd --model densenet201` trains RDD's own CIFAR DenseNet instead and writes its ckpt.pt layout
+(the authors' `classifier/train.py --model densenet201`; scripts/rcfd_train.py reads it), on images in
+[-1, 1] as RDD feeds them (the authors trained theirs on mean/std-normalised images).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from guided_diffusion import logger
 from guided_diffusion.distill.classifier import build_classifier, save_classifier, train_classifier
+from guided_diffusion.distill.densenet import build_densenet, save_densenet
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.run_setup import seed_everything
 
@@ -26,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags, train the classifier on the labeled data, write it to --output."""
     parser = argparse.ArgumentParser(description="Train the classifier of RDD's relational loss.")
     parser.add_argument("--data_dir", required=True, help="an .npz (arr_0 images, arr_1 labels) or a folder")
-    parser.add_argument("--model", default="densenet201", help="a timm model name")
+    parser.add_argument("--model", default="densenet201", help="timm name (--layout rdd: densenet121..201)")
+    parser.add_argument("--layout", choices=("timm", "rdd"), default="timm",
+                        help="rdd: RDD's own CIFAR DenseNet, saved as its ckpt.pt ({'model': state_dict})")
     parser.add_argument("--model_kwargs", default="{}", help="JSON keyword arguments for timm.create_model")
     parser.add_argument("--output", default="model/classifier.pt")
     parser.add_argument("--num_classes", type=int, default=10)
@@ -49,15 +55,24 @@ def main(argv: list[str] | None = None) -> None:
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,
         seed=args.seed, shard=0, num_shards=1,
     )
-    model = build_classifier(args.model, args.num_classes, args.image_size, model_kwargs)
+    if args.layout == "rdd":
+        try:
+            model = build_densenet(args.model, args.num_classes)
+        except ValueError as exc:
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    else:
+        model = build_classifier(args.model, args.num_classes, args.image_size, model_kwargs)
     train_classifier(
         model, data, num_classes=args.num_classes, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, device=device,
     )
-    save_classifier(
-        model, args.output, model_name=args.model, num_classes=args.num_classes,
-        image_size=args.image_size, model_kwargs=model_kwargs,
-    )
+    if args.layout == "rdd":
+        save_densenet(model, args.output)
+    else:
+        save_classifier(
+            model, args.output, model_name=args.model, num_classes=args.num_classes,
+            image_size=args.image_size, model_kwargs=model_kwargs,
+        )
     logger.log(f"saved classifier to {args.output}")
 
 

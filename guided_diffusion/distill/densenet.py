@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DENSENET201 = {"growth_rate": 32, "block_config": (6, 12, 48, 32), "num_init_features": 64}
+CONFIGS = {  # classifier/densenet.py's named models: growth rate, layers per block, stem width
+    "densenet121": {"growth_rate": 32, "block_config": (6, 12, 24, 16), "num_init_features": 64},
+    "densenet161": {"growth_rate": 48, "block_config": (6, 12, 36, 24), "num_init_features": 96},
+    "densenet169": {"growth_rate": 32, "block_config": (6, 12, 32, 32), "num_init_features": 64},
+    "densenet201": {"growth_rate": 32, "block_config": (6, 12, 48, 32), "num_init_features": 64},
+}
 
 
 class DenseLayer(nn.Module):
@@ -133,4 +138,37 @@ class CifarDenseNet(nn.Module):
 
 def densenet201(num_classes: int = 10, big_input: bool = False) -> CifarDenseNet:
     """The DenseNet-201 RDD freezes (`classifier/train.py --model densenet201`): 1920 feature channels."""
-    return CifarDenseNet(**DENSENET201, num_classes=num_classes, big_input=big_input)
+    return build_densenet("densenet201", num_classes, big_input)
+
+
+def build_densenet(name: str, num_classes: int = 10, big_input: bool = False) -> CifarDenseNet:
+    """One of the authors' named DenseNets (densenet121/161/169/201)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown DenseNet {name!r} (known: {', '.join(CONFIGS)})")
+    return CifarDenseNet(**CONFIGS[name], num_classes=num_classes, big_input=big_input)
+
+
+def load_densenet(
+    path: str, name: str = "densenet201", num_classes: int = 10, device: torch.device | str = "cpu"
+) -> CifarDenseNet:
+    """The authors' classifier file (`ckpt.pt` holding {"model": state_dict}, or the folder their
+    `--classifier_path` names), loaded strictly into `name`; frozen, in eval mode."""
+    import os
+
+    from ..infra.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    payload = safe_torch_load(path)
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"{path}: not an RDD classifier ckpt.pt (expected a 'model' state dict)")
+    model = build_densenet(name, num_classes)
+    load_state_dict_strict(model, payload["model"], source=path)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def save_densenet(model: CifarDenseNet, path: str) -> None:
+    """Write `{"model": state_dict}` as classifier/train.py does (atomically)."""
+    from ..infra.checkpoint import atomic_torch_save
+
+    atomic_torch_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)

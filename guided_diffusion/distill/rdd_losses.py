@@ -7,9 +7,10 @@ and line for each are in ../shared/reference/rdd/README.md (#12-#14).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .. import dist_util
 
 QUEUE_LAYOUTS = ("authors", "pixels")
 
@@ -128,8 +129,6 @@ class MemoryP2PLoss(nn.Module):
 
 def _gather_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """All ranks' tensors concatenated along the batch (the tensor itself on one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist_util.get_world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    return torch.cat(dist_util.all_gather_tensors(tensor))

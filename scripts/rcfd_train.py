@@ -1,0 +1,74 @@
+"""RCFD/RDD training on their pytorch-ddpm UNet: base model, PD stage or RDD stage, by the config's `method`.
+
+    python scripts/rcfd_train.py --config yaml/cifar10_32/rcfd/CIFAR10_BASE.yaml --logdir logs/CIFAR10/1024 \
+        --data_dir cifar10_train.npz                                      # train_base.py
+    python scripts/rcfd_train.py --config yaml/cifar10_32/rcfd/CIFAR10_PD.yaml --logdir logs/CIFAR10/512 \
+        --base_ckpt logs/CIFAR10/1024 --data_dir cifar10_train.npz          # PD.py (one halving stage)
+    python scripts/rcfd_train.py --config yaml/cifar10_32/rcfd/CIFAR10_RDD.yaml --logdir logs/8to4/rdd \
+        --base_ckpt logs/CIFAR10/8 --classifier_path classifier/result/cifar10/densenet201 \
+        --data_dir cifar10_train.npz                                      # train_rdd.py (README flags)
+
+Every flag of the authors' flagfiles can be given as --<flag>. `--resume` continues a killed run in its
+logdir. Several GPUs: `mpiexec -n N python scripts/rcfd_train.py ...` (batch_size is the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.config import ConfigError, save_config
+from guided_diffusion.distill.rcfd_run import (
+    STATE_FILE,
+    StageTrainer,
+    add_flag_arguments,
+    load_flags,
+    overrides_from,
+)
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.infra.run_lock import claim_run_dir
+from guided_diffusion.run_setup import seed_everything
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, lock the logdir, build the stage and train it."""
+    parser = argparse.ArgumentParser(description="Train an RCFD/RDD base model or a PD/RDD halving stage.")
+    parser.add_argument("--config", required=True, help="flag YAML (yaml/cifar10_32/rcfd/CIFAR10_PD.yaml)")
+    parser.add_argument("--resume", action="store_true", help=f"continue from <logdir>/{STATE_FILE}")
+    add_flag_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        flags = load_flags(args.config, overrides_from(args))
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    if not flags["logdir"]:
+        parser.exit(2, f"{parser.prog}: error: --logdir is empty\n")
+    if not flags["data_dir"]:
+        parser.exit(2, f"{parser.prog}: error: --data_dir is empty (an image folder or an .npz)\n")
+    if args.resume and not os.path.isfile(os.path.join(flags["logdir"], STATE_FILE)):
+        parser.exit(2, f"{parser.prog}: error: --resume: {flags['logdir']}/{STATE_FILE} does not exist\n")
+    dist_util.setup_dist()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    if flags["batch_size"] % world:
+        raise SystemExit(f"error: batch_size {flags['batch_size']} is not divisible by {world} ranks")
+    refusal = claim_run_dir(flags["logdir"], args.resume) if rank == 0 else None
+    refusal = dist_util.broadcast_object(refusal)
+    if refusal:
+        raise SystemExit(f"error: {refusal}")
+    seed_everything(flags["seed"] + rank)
+    logger.configure(flags["logdir"], format_strs=["stdout", "log", "csv"])
+    if rank == 0:
+        save_config(flags, os.path.join(flags["logdir"], "config.yaml"))
+    logger.log(f"{flags['method']}: config {flags['config']}, {world} rank(s), device {dist_util.dev()}")
+    data = load_data(
+        data_dir=flags["data_dir"], batch_size=flags["batch_size"] // world, image_size=flags["img_size"],
+        class_cond=flags["conditional"], random_flip=flags["random_flip"], seed=flags["seed"],
+    )
+    StageTrainer(flags, flags["logdir"], data, resume=args.resume).run()
+    logger.log(f"done; {flags['logdir']}/ckpt.pt")
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    main()

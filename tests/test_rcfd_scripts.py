@@ -1,0 +1,200 @@
+"""The seed's RDD workflow through the project's scripts on CPU, tiny: base training, the classifier file,
+an RDD 8 -> 4 stage that resumes exactly, and evaluation samples of the base (8 steps) and the student."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from script_env import ENV, PY, REPO
+
+from guided_diffusion.distill.densenet import build_densenet, save_densenet
+
+torch.set_num_threads(1)
+TINY = [
+    "--ch",
+    "32",
+    "--ch_mult",
+    "1,2",
+    "--num_res_blocks",
+    "1",
+    "--batch_size",
+    "4",
+    "--log_interval",
+    "1",
+    "--sample_step",
+    "0",
+]
+
+
+def _run(script, args, ok=True):
+    proc = subprocess.run([PY, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+CUT = """
+import sys
+from guided_diffusion.distill import rcfd_run
+
+def stop_after_two(self):
+    while self.step < 2:
+        self.train_step()
+    self.save()
+
+rcfd_run.StageTrainer.run = stop_after_two
+sys.argv[0] = "scripts/rcfd_train.py"
+import runpy
+runpy.run_path("scripts/rcfd_train.py", run_name="__main__")
+"""
+
+
+def _cut_after_two_steps(args):
+    """The training script, killed after its step-2 save (the run's total_steps unchanged)."""
+    proc = subprocess.run(
+        [PY, "-c", CUT, *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from datasets.digits import write_digits
+
+    root = tmp_path_factory.mktemp("rcfd")
+    paths = write_digits(str(root / "data"), 16)
+    return root, str(paths["train"])
+
+
+def test_base_rdd_resume_and_eval(digits, tmp_path):
+    root, data = digits
+    base = tmp_path / "base"
+    _run(
+        "scripts/rcfd_train.py",
+        [
+            "--config",
+            "yaml/digits_16/rcfd/DIGITS_BASE.yaml",
+            "--data_dir",
+            data,
+            "--logdir",
+            str(base),
+            "--total_steps",
+            "3",
+            "--save_step",
+            "2",
+            *TINY,
+        ],
+    )
+    ckpt = torch.load(base / "ckpt.pt", weights_only=True)
+    assert set(ckpt) == {"net_model", "ema_model", "T", "time_scale", "x_T"} and ckpt["T"] == 1024
+    with open(base / "progress.csv") as f:
+        assert [int(float(r["step"])) for r in csv.DictReader(f)] == [1, 2, 3]
+
+    classifier = tmp_path / "densenet121"
+    classifier.mkdir()
+    torch.manual_seed(0)
+    save_densenet(build_densenet("densenet121"), str(classifier / "ckpt.pt"))
+    stage = [
+        "--config",
+        "yaml/digits_16/rcfd/DIGITS_RDD.yaml",
+        "--data_dir",
+        data,
+        "--base_ckpt",
+        str(base),
+        "--classifier_path",
+        str(classifier),
+        "--classifier",
+        "densenet121",
+        *TINY,
+    ]
+    _run(
+        "scripts/rcfd_train.py",
+        [*stage, "--logdir", str(tmp_path / "full"), "--total_steps", "4", "--save_step", "2"],
+    )
+    _cut_after_two_steps(
+        [*stage, "--logdir", str(tmp_path / "cut"), "--total_steps", "4", "--save_step", "2"]
+    )
+    _run(
+        "scripts/rcfd_train.py",
+        [*stage, "--logdir", str(tmp_path / "cut"), "--total_steps", "4", "--save_step", "2", "--resume"],
+    )
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
+    assert (full["T"], full["time_scale"]) == (4, 256) and "ema_model" not in full
+    assert all(torch.equal(full["net_model"][k], resumed["net_model"][k]) for k in full["net_model"])
+    with open(tmp_path / "full" / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"memory_p2p", "intra_p2p", "rcfd_kl"} <= set(rows[0]) and "regression" not in rows[0]
+    state = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
+    assert state["memory"]["teacher_pixel_queue"].shape == (20000, 1024)
+
+    for logdir, stride, name in ((base, "128", "base8"), (tmp_path / "full", "1", "rdd4")):
+        out = tmp_path / name
+        _run(
+            "scripts/rcfd_eval.py",
+            [
+                "--config",
+                "yaml/digits_16/rcfd/DIGITS_EVAL.yaml",
+                "--logdir",
+                str(logdir),
+                "--stride",
+                stride,
+                "--num_images",
+                "3",
+                "--batch_size",
+                "2",
+                "--ch",
+                "32",
+                "--ch_mult",
+                "1,2",
+                "--num_res_blocks",
+                "1",
+                "--output_dir",
+                str(out),
+            ],
+        )
+        with np.load(out / "samples_3x16x16x3.npz") as npz:
+            assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+
+
+def test_bad_flags_are_one_line_errors(digits, tmp_path):
+    _, data = digits
+    proc = _run(
+        "scripts/rcfd_train.py",
+        [
+            "--config",
+            "yaml/digits_16/rcfd/DIGITS_PD.yaml",
+            "--data_dir",
+            data,
+            "--logdir",
+            str(tmp_path / "pd"),
+        ],
+        ok=False,
+    )
+    assert proc.returncode != 0 and "needs base_ckpt" in proc.stderr.strip().splitlines()[-1]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: base\nlerning_rate: 0.1\n")
+    proc = _run(
+        "scripts/rcfd_train.py",
+        ["--config", str(bad), "--data_dir", data, "--logdir", str(tmp_path / "b")],
+        ok=False,
+    )
+    assert proc.returncode == 2 and "unknown key 'lerning_rate'" in proc.stderr
+    proc = _run(
+        "scripts/rcfd_train.py",
+        [
+            "--config",
+            "yaml/digits_16/rcfd/DIGITS_BASE.yaml",
+            "--data_dir",
+            data,
+            "--logdir",
+            str(tmp_path / "none"),
+            "--resume",
+        ],
+        ok=False,
+    )
+    assert proc.returncode == 2 and "train_state.pt does not exist" in proc.stderr
