@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# RDD as its authors ran it, on digits (issue 15): the RCFD base model (yaml/digits_16/rcfd/DIGITS_BASE.yaml)
+# read as an 8-step DDIM teacher, its 4-step PD and RDD students at equal steps on the authors' grid, and
+# digits-FID / precision / recall of all three (1000 samples each) against the reference split.
+#   bash benchmarks/rcfd_digits.sh OUT_DIR [BASE_SECONDS]
+# OUT_DIR receives results.json (updated after every stage), results.md, the three sample grids and the
+# base ckpt.pt; logs go to stdout. Base training stops at total_steps or after BASE_SECONDS (default 240;
+# the last saved ckpt.pt is used).
+set -euo pipefail
+out=${1:?usage: rcfd_digits.sh OUT_DIR [BASE_SECONDS]}
+seconds=${2:-240}
+mkdir -p "$out"
+root=experiments/rcfd/digits-$(date +%Y%m%d-%H%M%S)  # a fresh root every time
+data=experiments/data/digits
+python datasets/digits.py --image_size 16 --output_dir "$data"
+train="$data/digits16_train.npz"
+ref="$data/digits16_ref.npz"
+stamp() { date +%s; }
+
+t0=$(stamp)
+rc=0
+timeout "$seconds" python scripts/rcfd_train.py --config yaml/digits_16/rcfd/DIGITS_BASE.yaml \
+  --data_dir "$train" --logdir "$root/1024" || rc=$?
+echo "base: exit $rc (124: stopped at $seconds s), $(( $(stamp) - t0 )) s"
+cp "$root/1024/ckpt.pt" "$out/base_ckpt.pt"
+
+t0=$(stamp)
+python scripts/classifier_train.py --layout rdd --model densenet201 --image_size 16 --epochs 30 \
+  --data_dir "$train" --output "$root/densenet201/ckpt.pt" > "$root/classifier.log" 2>&1 &
+cls=$!
+python scripts/rcfd_train.py --config yaml/digits_16/rcfd/DIGITS_PD.yaml --data_dir "$train" \
+  --base_ckpt "$root/1024" --logdir "$root/pd4"
+echo "pd: $(( $(stamp) - t0 )) s"
+wait $cls
+tail -3 "$root/classifier.log"
+t0=$(stamp)
+python scripts/rcfd_train.py --config yaml/digits_16/rcfd/DIGITS_RDD.yaml --data_dir "$train" \
+  --base_ckpt "$root/1024" --classifier_path "$root/densenet201" --logdir "$root/rdd4"
+echo "rdd: $(( $(stamp) - t0 )) s"
+
+for spec in "teacher8:1024:128" "pd4:pd4:1" "rdd4:rdd4:1"; do
+  IFS=: read -r name dir stride <<<"$spec"
+  python scripts/rcfd_eval.py --config yaml/digits_16/rcfd/DIGITS_EVAL.yaml --logdir "$root/$dir" \
+    --stride "$stride" --output_dir "$root/eval_$name"
+  python evaluations/evaluator.py "$ref" "$root/eval_$name/samples_1000x16x16x3.npz" --features digits \
+    --json "$root/eval_$name/metrics.json"
+  cp "$root/eval_$name/samples_seed0.png" "$out/${name}_grid.png"
+done
+python - "$root" "$out" <<'PY'
+import json, sys
+root, out = sys.argv[1:3]
+rows = {}
+for name, steps in (("teacher8", 8), ("pd4", 4), ("rdd4", 4)):
+    m = json.load(open(f"{root}/eval_{name}/metrics.json"))
+    rows[name] = {"steps": steps, **{k: m[k] for k in ("fid", "precision", "recall")}}
+teacher = rows["teacher8"]["fid"]
+for r in rows.values():
+    r["fid_vs_teacher"] = r["fid"] / teacher
+json.dump(rows, open(f"{out}/results.json", "w"), indent=2)
+lines = ["| model | DDIM steps | digits-FID | x teacher | precision | recall |", "| --- | --- | --- | --- | --- | --- |"]
+for name, r in rows.items():
+    lines.append(f"| {name} | {r['steps']} | {r['fid']:.2f} | {r['fid_vs_teacher']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
