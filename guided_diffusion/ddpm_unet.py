@@ -247,9 +247,11 @@ def save_rcfd_checkpoint(
     models), `T` (the model's steps), `time_scale` (T * time_scale = 1024 in the published chain), `x_T`."""
     from .infra.checkpoint import atomic_torch_save
 
-    payload: dict[str, Any] = {"net_model": net_model.state_dict(), "T": int(T)}
-    payload["time_scale"] = int(time_scale)
+    def on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    payload: dict[str, Any] = {"net_model": on_cpu(net_model), "T": int(T), "time_scale": int(time_scale)}
     if ema_model is not None:
-        payload["ema_model"] = ema_model.state_dict()
+        payload["ema_model"] = on_cpu(ema_model)
     payload["x_T"] = x_T.detach().cpu()
     atomic_torch_save(payload, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -331,15 +332,19 @@ class StageTrainer:
         flags = self.flags
         bar = tqdm(total=flags["total_steps"], initial=self.step, desc=self.method, dynamic_ncols=True,
                    disable=not dist_util.is_main_process())
+        tick = (time.perf_counter(), self.step)
         while self.step < flags["total_steps"]:
             terms = self.train_step()
             bar.update(1)
             for key, value in terms.items():
                 logger.logkv_mean(key, value)
             if self.step % max(flags["log_interval"], 1) == 0:
+                now = time.perf_counter()
                 logger.logkv("step", self.step)
                 logger.logkv("lr", self.sched.get_last_lr()[0])
+                logger.logkv("steps_per_s", (self.step - tick[1]) / max(now - tick[0], 1e-9))
                 logger.dumpkvs()
+                tick = (now, self.step)
             if flags["sample_step"] > 0 and (self.step % flags["sample_step"] == 0 or self.step == 1):
                 self.sample_grid()
             if flags["save_step"] > 0 and self.step % flags["save_step"] == 0:
