@@ -6,7 +6,8 @@
 # OUT_DIR receives results.json, results.md, the three sample grids, the base ckpt.pt and stages.log (each
 # stage's wall time and last log lines, appended as it ends). Base training stops at total_steps or after
 # BASE_SECONDS (default 240; the last saved ckpt.pt is used); BASE_CKPT reuses a base model instead. The PD
-# and RDD stages run side by side on the one GPU.
+# and RDD stages run side by side on the one GPU. Environment: STEPS (PD and RDD total_steps, default the
+# YAMLs'), CLASSIFIER (densenet121/161/169/201, default densenet201) and CLASSIFIER_EPOCHS (default 30).
 set -euo pipefail
 out=${1:?usage: rcfd_digits.sh OUT_DIR [BASE_SECONDS]}
 seconds=${2:-240}
@@ -18,6 +19,9 @@ data=experiments/data/digits
 python datasets/digits.py --image_size 16 --output_dir "$data"
 train="$data/digits16_train.npz"
 ref="$data/digits16_ref.npz"
+steps=()
+if [ -n "${STEPS:-}" ]; then steps=(--total_steps "$STEPS"); fi
+classifier=${CLASSIFIER:-densenet201}
 stamp() { date +%s; }
 note() { echo "$*" | tee -a "$log"; }
 # tail of a run's log.txt (or a file) into stages.log
@@ -36,32 +40,37 @@ else
   cp "$root/1024/ckpt.pt" "$out/base_ckpt.pt"
 fi
 
+evaluate() {  # NAME DIR STRIDE: 1000 samples, digits-FID / precision / recall
+  local name=$1 dir=$2 stride=$3
+  python scripts/rcfd_eval.py --config yaml/digits_16/rcfd/DIGITS_EVAL.yaml --logdir "$root/$dir" \
+    --stride "$stride" --output_dir "$root/eval_$name" > "$root/sample_$name.out" 2>&1
+  python evaluations/evaluator.py "$ref" "$root/eval_$name/samples_1000x16x16x3.npz" --features digits \
+    --json "$root/eval_$name/metrics.json" > "$root/eval_$name.out" 2>&1
+  note "eval $name: $(cat "$root/eval_$name/metrics.json")"
+  cp "$root/eval_$name/samples_seed0.png" "$out/${name}_grid.png"
+}
+evaluate teacher8 1024 128
+
 t0=$(stamp)
-python scripts/classifier_train.py --layout rdd --model densenet201 --image_size 16 --epochs 30 \
-  --data_dir "$train" --output "$root/densenet201/ckpt.pt" > "$root/classifier.log" 2>&1
-note "classifier: $(( $(stamp) - t0 )) s"
+python scripts/classifier_train.py --layout rdd --model "$classifier" --image_size 16 \
+  --epochs "${CLASSIFIER_EPOCHS:-30}" --data_dir "$train" --output "$root/classifier/ckpt.pt" > "$root/classifier.log" 2>&1
+note "classifier $classifier: $(( $(stamp) - t0 )) s"
 keep "$root/classifier.log" 2
 t0=$(stamp)
 python scripts/rcfd_train.py --config yaml/digits_16/rcfd/DIGITS_PD.yaml --data_dir "$train" \
-  --base_ckpt "$root/1024" --logdir "$root/pd4" > "$root/pd.out" 2>&1 &
+  --base_ckpt "$root/1024" --logdir "$root/pd4" "${steps[@]}" > "$root/pd.out" 2>&1 &
 pd=$!
 python scripts/rcfd_train.py --config yaml/digits_16/rcfd/DIGITS_RDD.yaml --data_dir "$train" \
-  --base_ckpt "$root/1024" --classifier_path "$root/densenet201" --logdir "$root/rdd4" > "$root/rdd.out" 2>&1
+  --base_ckpt "$root/1024" --classifier_path "$root/classifier" --classifier "$classifier" \
+  --logdir "$root/rdd4" "${steps[@]}" > "$root/rdd.out" 2>&1
 note "rdd: $(( $(stamp) - t0 )) s"
 wait $pd
 note "pd: $(( $(stamp) - t0 )) s (side by side with rdd)"
 keep "$root/pd4/log.txt" 12
 keep "$root/rdd4/log.txt" 12
+evaluate pd4 pd4 1
+evaluate rdd4 rdd4 1
 
-for spec in "teacher8:1024:128" "pd4:pd4:1" "rdd4:rdd4:1"; do
-  IFS=: read -r name dir stride <<<"$spec"
-  python scripts/rcfd_eval.py --config yaml/digits_16/rcfd/DIGITS_EVAL.yaml --logdir "$root/$dir" \
-    --stride "$stride" --output_dir "$root/eval_$name"
-  python evaluations/evaluator.py "$ref" "$root/eval_$name/samples_1000x16x16x3.npz" --features digits \
-    --json "$root/eval_$name/metrics.json" > "$root/eval_$name.out" 2>&1
-  note "eval $name: $(cat "$root/eval_$name/metrics.json")"
-  cp "$root/eval_$name/samples_seed0.png" "$out/${name}_grid.png"
-done
 python - "$root" "$out" <<'PY'
 import json, sys
 root, out = sys.argv[1:3]
