@@ -49,6 +49,7 @@ TEACHER_YAML = "yaml/digits_16/teacher.yaml"
 TEACHER_ARCH = "yaml/digits_16/arch/teacher.yaml"
 DIFFUSION_YAML = "yaml/digits_16/diffusion.yaml"
 TEACHER_CKPT = "model/digits16_teacher.pt"
+DDIM_GRIDS = ("ddim", "trailing")  # respacings sampled with DDIM (eta 0)
 RDD_CONFIG_DIR = "yaml/digits_16/exp/rdd"
 EMA_CHOICES = (0.9999, 0.999, 0.995, 0.99, 0.9)
 # settings that must agree across calls writing into the same DIR (rows are compared with each other)
@@ -66,7 +67,7 @@ class TrainedMethod:
     table: str  # "main" or "rdd"
     needs_pool: bool = False  # DKDM-style: prepare the dynamic batch first
     data: str = ""  # "" (data-free, no data), "teacher_samples" or "real"
-    own_grid: bool = False  # sample on the config's own (ddimN) grid instead of --respacing
+    own_grid: bool = False  # sample on the config's own DDIM grid (trailingN) instead of --respacing
 
 
 TRAINED: dict[str, TrainedMethod] = {
@@ -508,11 +509,11 @@ class DigitsBenchmark:
 
     def run_teacher(self) -> None:
         """The shipped teacher on the benchmark's grid and on the 8-step DDIM grid (RDD's N-step teacher)."""
-        for name, respacing in (("teacher", self.args.respacing), ("teacher_ddim8", "ddim8")):
+        for name, respacing in (("teacher", self.args.respacing), ("teacher_ddim8", "trailing8")):
             begin = time.perf_counter()
             model, diffusion = self.build(TEACHER_YAML, respacing)
             load_model_weights(model, str(REPO_ROOT / TEACHER_CKPT))
-            use_ddim = respacing.startswith("ddim")
+            use_ddim = respacing.startswith(DDIM_GRIDS)
             row = {
                 "name": name,
                 "label": f"shipped teacher ({respacing}{'' if use_ddim else ' steps'})",
@@ -696,7 +697,7 @@ class DigitsBenchmark:
         own = primary_section(load_config(cfg_path)).timestep_respacing
         respacing = own if spec.own_grid else self.args.respacing
         model, diffusion = self.build(cfg_path, respacing)
-        use_ddim = respacing.startswith("ddim")
+        use_ddim = respacing.startswith(DDIM_GRIDS)
         row.update(
             sampler=respacing if use_ddim else f"{respacing} steps",
             params=sum(p.numel() for p in model.parameters()),

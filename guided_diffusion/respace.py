@@ -15,8 +15,16 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     """Timesteps to keep from `num_timesteps`.
 
     `section_counts` is a list (or comma string) of counts, one per equal section of the chain, each section
-    sampled at evenly rounded strides, e.g. "10,15,20"; or "ddimN": DDIM's integer stride giving N steps.
+    sampled at evenly rounded strides, e.g. "10,15,20"; or "ddimN": DDIM's integer stride giving N steps
+    from t = 0; or "trailingN": N steps of stride T/N ending at the noisiest step T-1 (the grid RDD's
+    authors distil on: no step at t = 0, the first step from pure noise; N must divide T).
     """
+    if isinstance(section_counts, str) and section_counts.startswith("trailing"):
+        wanted = int(section_counts[len("trailing") :])
+        if wanted < 1 or num_timesteps % wanted:
+            raise ValueError(f"{section_counts!r}: N must be >= 1 and divide the {num_timesteps} steps")
+        stride = num_timesteps // wanted
+        return {num_timesteps - 1 - i * stride for i in range(wanted)}
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             wanted = int(section_counts[len("ddim") :])
@@ -30,7 +38,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             section_counts = [int(part) for part in section_counts.split(",")]
         except ValueError:
             raise ValueError(
-                f"timestep_respacing must be 'ddimN' or comma-separated ints, got {section_counts!r}"
+                f"timestep_respacing must be 'ddimN', 'trailingN' or comma-separated ints, got "
+                f"{section_counts!r}"
             ) from None
 
     base, extra = divmod(num_timesteps, len(section_counts))

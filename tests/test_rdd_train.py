@@ -160,8 +160,8 @@ def test_dkdm_with_relational_section(files, tmp_path):
 def test_stage_flags_and_bad_grids(files, tmp_path, capsys):
     kd, pd = _script("step_distill"), str(files / "pd.yaml")
     with pytest.raises(SystemExit):
-        kd.main(["--config", pd, "--exp_dir", str(tmp_path / "bad"), "--teacher_steps", "2"])
-    assert "--teacher_steps 2: no integer stride" in capsys.readouterr().err
+        kd.main(["--config", pd, "--exp_dir", str(tmp_path / "bad"), "--teacher_steps", "6"])
+    assert "--teacher_steps 6: 'trailing6': N must be >= 1 and divide the 20 steps" in capsys.readouterr().err
     bad_grid = _write(files, "bad_grid.yaml", {"teacher": {"timestep_respacing": "ddim10"}})
     with pytest.raises(ValueError, match="two teacher steps"):
         kd.main(["--config", str(bad_grid), "--exp_dir", str(tmp_path / "bad2")])
@@ -173,7 +173,7 @@ def test_stage_flags_and_bad_grids(files, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["Digits-PD-8to4.yaml", "Digits-RDD-8to4.yaml"])
 def test_digits_stage_configs_build_on_the_shipped_teacher(name):
-    """The digits stages resolve, nest ddim8 -> ddim4 and load the shipped teacher (a few CPU steps of
+    """The digits stages resolve, nest trailing8 -> trailing4 and load the shipped teacher (a few CPU steps of
     them are what the lead's GPU run repeats at full length)."""
     from guided_diffusion.distill.dkdm.setup import load_teacher
     from guided_diffusion.distill.progressive import StepDistiller
@@ -185,4 +185,4 @@ def test_digits_stage_configs_build_on_the_shipped_teacher(name):
     teacher, teacher_diffusion = load_teacher(cfg.teacher, torch.device("cpu"))
     _, student_diffusion = build_model_and_diffusion(cfg.student, "cpu")
     distiller = StepDistiller(teacher, teacher_diffusion, student_diffusion, cfg.step_distill)
-    assert distiller.plan.tolist() == [0, 2, 4, 6]
+    assert distiller.plan.tolist() == [1, 3, 5, 7]  # trailing8 -> trailing4

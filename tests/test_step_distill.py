@@ -86,6 +86,33 @@ def test_teacher_plan_nests_grids():
         teacher_step_plan(_diffusion("ddim4", 1000), _diffusion("ddim3", 1000))
 
 
+def test_trailing_grids_are_the_authors_layout_and_nest():
+    from guided_diffusion.respace import space_timesteps
+
+    assert sorted(space_timesteps(1000, "trailing4")) == [249, 499, 749, 999]
+    assert sorted(space_timesteps(1000, "trailing8")) == [124, 249, 374, 499, 624, 749, 874, 999]
+    with pytest.raises(ValueError, match="divide the 1000 steps"):
+        space_timesteps(1000, "trailing16")
+    teacher, student = _diffusion("trailing8", 1000), _diffusion("trailing4", 1000)
+    assert teacher_step_plan(teacher, student).tolist() == [1, 3, 5, 7]
+    assert student.timestep_map[-1] == 999 and 0 not in student.timestep_map  # a step from pure noise
+
+
+def test_trailing_lowest_step_takes_two_teacher_steps_to_x0():
+    teacher, teacher_diffusion = _tiny_unet(1)
+    with torch.no_grad():
+        teacher.out[-1].weight.normal_(0, 0.05)
+    teacher_diffusion = _diffusion("trailing4")
+    distiller = StepDistiller(teacher, teacher_diffusion, _diffusion("trailing2"), {"teacher_clip": False})
+    z = torch.randn(2, 3, 16, 16)
+    got, _ = distiller.teacher_two_steps(z, torch.tensor([0, 0]))
+    with torch.no_grad():
+        mid = teacher_diffusion.ddim_sample(teacher, z, torch.tensor([1, 1]), clip_denoised=False)["sample"]
+        x0 = teacher_diffusion.ddim_sample(teacher, mid, torch.tensor([0, 0]), clip_denoised=False)["sample"]
+    torch.testing.assert_close(got, x0)
+    assert not torch.allclose(mid, x0)
+
+
 def test_teacher_two_steps_are_its_ddim_chain():
     teacher, teacher_diffusion = _tiny_unet(1)
     with torch.no_grad():

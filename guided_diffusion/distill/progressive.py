@@ -87,12 +87,12 @@ def _timestep_map(diffusion: Any) -> list[int]:
 def teacher_step_plan(teacher_diffusion: Any, student_diffusion: Any) -> torch.Tensor:
     """For each student step i, the teacher-grid index of the same timestep; the teacher steps from there
     twice (once at the lowest student step when it is also the teacher's lowest). Raises ValueError when
-    the grids do not nest as N -> N/2 (e.g. ddim8 -> ddim4 of the same chain)."""
+    the grids do not nest as N -> N/2 (e.g. trailing8 -> trailing4, or ddim8 -> ddim4, of one chain)."""
     teacher_map, student_map = _timestep_map(teacher_diffusion), _timestep_map(student_diffusion)
     if not all(s in teacher_map for s in student_map):
         raise ValueError(
             f"step_distill: student steps {student_map} are not all on the teacher grid "
-            f"{teacher_map}; use timestep_respacing ddimN (teacher) and ddim(N/2) (student)"
+            f"{teacher_map}; use timestep_respacing trailingN (teacher) and trailing(N/2) (student)"
         )
     index = [teacher_map.index(s) for s in student_map]
     if index[0] > 1 or any(b - a != 2 for a, b in zip(index, index[1:], strict=False)):
@@ -239,7 +239,7 @@ class StepDistillLoop(TrainLoop):
 def add_step_distill_arguments(parser: argparse.ArgumentParser) -> None:
     """Stage flags of scripts/step_distill.py: `--teacher_path`, `--teacher_steps`, `--classifier_path`."""
     parser.add_argument("--teacher_path", default=None, help="stage teacher (and the student's start)")
-    parser.add_argument("--teacher_steps", type=int, default=None, help="N: teacher ddimN, student ddim(N/2)")
+    parser.add_argument("--teacher_steps", type=int, default=None, help="N: grids trailingN / trailing(N/2)")
     parser.add_argument("--classifier_path", default=None, help="RDD classifier file (classifier source)")
 
 
@@ -247,7 +247,7 @@ def apply_stage_overrides(
     cfg: DictConfig, teacher_path: str | None = None, teacher_steps: int | None = None
 ) -> None:
     """Point a stage at its teacher: `teacher_path` becomes teacher.model_path (and the student's start);
-    `teacher_steps` N sets the grids to ddimN (teacher) and ddim(N/2) (student)."""
+    `teacher_steps` N sets the grids to trailingN (teacher) and trailing(N/2) (student)."""
     if teacher_path:
         cfg.teacher.model_path = teacher_path
         cfg.student.model_path = ""
@@ -258,7 +258,7 @@ def apply_stage_overrides(
 
         for section, steps in ((cfg.teacher, teacher_steps), (cfg.student, teacher_steps // 2)):
             try:
-                space_timesteps(section.diffusion_steps, f"ddim{steps}")
+                space_timesteps(section.diffusion_steps, f"trailing{steps}")
             except ValueError as exc:
                 raise ValueError(f"--teacher_steps {teacher_steps}: {exc}") from None
-            section.timestep_respacing = f"ddim{steps}"
+            section.timestep_respacing = f"trailing{steps}"
