@@ -223,14 +223,22 @@ class ImageBatchIterator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; the shard layout must match or the order would differ."""
+        """Continue from a saved position; the shard layout must match or the order would differ. Data that
+        changed size since the checkpoint (an unreadable file removed, say) resumes at the same epoch and
+        position with a warning: the order from there on cannot be the interrupted run's."""
         current = self.state_dict()
-        for key in ("seed", "shard", "num_shards", "shard_size", "batch_size"):
+        for key in ("seed", "shard", "num_shards", "batch_size"):
             if state.get(key) != current[key]:
                 saved = state.get(key)
                 raise DataError(f"data state mismatch: saved {key}={saved}, current {key}={current[key]}")
+        if state.get("shard_size") != current["shard_size"]:
+            logger.warn(
+                f"the data changed since the checkpoint ({state.get('shard_size')} -> "
+                f"{current['shard_size']} images in this rank's shard): resuming at the same position, in a "
+                "different order"
+            )
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.position = min(int(state["position"]), len(self.indices))
         self._order, self._flips = self._epoch_plan(self.epoch)
 
 

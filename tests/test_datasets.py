@@ -156,6 +156,28 @@ def test_unreadable_image_is_skipped_with_a_warning_and_resume_stays_exact(tmp_p
     assert all(str(broken) in line and "(1 so far)" in line for line in lines)
 
 
+def test_resume_after_a_file_was_removed_continues_with_a_warning(tmp_path):
+    """Issue 19: after the user removed an unreadable file, the data-state check refused every resume."""
+    from guided_diffusion import logger
+
+    root = _write_folder(tmp_path / "imgs", n=10)
+    kwargs = dict(data_dir=str(root), batch_size=3, image_size=16, seed=7, **ONE)
+    first = load_data(**kwargs)
+    _take(first, 2)
+    state = first.state_dict()
+    sorted(root.rglob("*.png"))[4].unlink()
+    logger.configure(str(tmp_path / "log"), format_strs=["log"])
+    try:
+        resumed = load_data(**kwargs)
+        resumed.load_state_dict(state)
+        assert (resumed.epoch, resumed.position) == (state["epoch"], state["position"])
+        assert len(_take(resumed, 4)) == 4
+    finally:
+        logger.reset()
+    log = (tmp_path / "log" / "log.txt").read_text()
+    assert "the data changed since the checkpoint (10 -> 9 images" in log
+
+
 def test_no_readable_image_is_an_error(tmp_path):
     root = _write_folder(tmp_path / "imgs", n=4)
     for path in root.rglob("*.png"):

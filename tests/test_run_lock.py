@@ -116,3 +116,32 @@ def test_claiming_a_dir_removes_a_killed_writers_temp_files(tmp_path):
     assert claim_run_dir(str(run_dir), allow_checkpoints=False) is None
     assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "notes.txt"]
     release_run_dir(str(run_dir))
+
+
+def test_writing_a_pool_cache_removes_only_its_own_stale_temp_files(tmp_path):
+    """Issue 19: a kill during a pool write left `.X.cache.*.tmp` in the shared cache folder. The next
+    write of that cache removes its own temp files once they are old; a fresh one (a live writer's) and
+    other files' temp files stay."""
+    import time
+
+    import numpy as np
+
+    from guided_diffusion.distill.dkdm.pool import STALE_TEMP_AGE_S, DynamicBatch
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = cache / ".pool.cache.dead01.tmp"
+    fresh = cache / ".pool.cache.live02.tmp"
+    other = cache / ".other.cache.dead03.tmp"
+    for path in (old, fresh, other):
+        path.write_bytes(b"partial")
+    past = time.time() - 2 * STALE_TEMP_AGE_S
+    for path in (old, other):
+        os.utime(path, (past, past))
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=4, noise_schedule="cosine")
+    pool = DynamicBatch(None, diffusion, batch_size=2, image_shape=(3, 4, 4), rho=0.5, device="cpu")
+    pool.load_arrays(np.ones(pool.size, dtype=np.int64), np.zeros((pool.size, 3, 4, 4), dtype=np.float32))
+    pool.save(str(cache / "pool.cache"))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([fresh.name, other.name, "pool.cache"])

@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,15 +39,23 @@ class CheckpointMismatchError(CheckpointError):
     """A state dict's keys or shapes do not match the model it is loaded into."""
 
 
-def remove_stale_temp_files(run_dir: PathLike) -> list[str]:
-    """Delete temp files a killed writer left in `run_dir` (only rank 0 writes there, so none is live);
-    return the names removed."""
+def remove_stale_temp_files(run_dir: PathLike, target: str = "", min_age_s: float = 0.0) -> list[str]:
+    """Delete temp files a killed writer left in `run_dir`; return the names removed. In a run dir (only
+    its owner writes there) every temp file is stale. In a folder other runs share (the pool caches),
+    pass the file about to be written as `target` and `min_age_s`: only that file's temp files untouched
+    for that long go, so another process's write in progress is never deleted."""
     run_dir = os.fspath(run_dir)
+    prefix = f".{os.path.basename(target)}." if target else ""
+    now = time.time()
     removed = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
-        if _TEMP_RE.match(name) and os.path.isfile(os.path.join(run_dir, name)):
-            os.unlink(os.path.join(run_dir, name))
-            removed.append(name)
+        full = os.path.join(run_dir, name)
+        if not (_TEMP_RE.match(name) and name.startswith(prefix) and os.path.isfile(full)):
+            continue
+        if min_age_s and now - os.path.getmtime(full) < min_age_s:
+            continue
+        os.unlink(full)
+        removed.append(name)
     if removed:
         logger.warn(f"removed {len(removed)} partial file(s) of an interrupted save in {run_dir}: "
                     f"{_head(removed)}")

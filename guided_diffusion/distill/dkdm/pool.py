@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ... import logger
+from ...infra.checkpoint import remove_stale_temp_files
 from ...infra.mixed_precision import autocast_context
 from .cache import CacheError, load_cache, save_cache, validate_cache
 
@@ -29,6 +30,7 @@ SHUFFLED = "shuffled_iterative_distillation"
 ITERATIVE = "iterative_distillation"
 MODES = (DYNAMIC, SHUFFLED, ITERATIVE)
 
+STALE_TEMP_AGE_S = 600.0  # a pool cache's temp file untouched this long is a killed writer's
 _GATHER_CHUNK = 4096  # items per collective when gathering a pool to rank 0
 _GPU_MARGIN_BYTES = 2 << 30  # free GPU memory left untouched when placing the pool
 
@@ -399,6 +401,7 @@ class DynamicBatch:
         self._require_pool()
         gathered = gather_to_rank0(self.total_t, self.total_x, self.rank, self.world_size)
         if gathered is not None:
+            remove_stale_temp_files(os.path.dirname(os.path.abspath(path)), path, STALE_TEMP_AGE_S)
             save_cache(path, *gathered, checksum=checksum)
             logger.log(f"dynamic batch: wrote {gathered[0].shape[0]} items to {path}")
         if _dist_active(self.world_size):
