@@ -41,8 +41,12 @@ PUBLISHED_BLOCKS = _published()
 # YAML files that are not experiment configs (the digits demo's schedules; tests/test_demo.py covers them).
 NOT_CONFIGS = {"yaml/digits_16/demo.yaml"}
 _YAML_FILES = [*(REPO / "yaml").rglob("*.yaml"), *TINY.glob("*.yaml")]
+# RCFD/RDD flag files (yaml/*/rcfd/): the authors' flag names, read by scripts/rcfd_train.py and rcfd_eval.py.
+FLAG_YAMLS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "yaml").glob("*/rcfd/*.yaml"))
 ALL_YAMLS = sorted(
-    rel for rel in (p.relative_to(REPO).as_posix() for p in _YAML_FILES) if rel not in NOT_CONFIGS
+    rel
+    for rel in (p.relative_to(REPO).as_posix() for p in _YAML_FILES)
+    if rel not in NOT_CONFIGS and rel not in FLAG_YAMLS
 )
 
 
@@ -88,6 +92,32 @@ def test_every_yaml_loads(rel: str) -> None:
     assert set(model_and_diffusion_kwargs(section)) == set(model_and_diffusion_defaults())
     if is_kd_config(cfg):
         assert cfg.teacher.iter_choice in config_mod.CHOICES["iter_choice"]
+
+
+@pytest.mark.parametrize("rel", FLAG_YAMLS)
+def test_every_rcfd_flag_yaml_loads(rel: str) -> None:
+    from guided_diffusion.distill.rcfd_run import load_flags
+
+    flags = load_flags(rel)
+    assert flags["mean_type"] == "xstart" and flags["method"] in ("base", "pd", "rdd")
+
+
+def test_rcfd_flag_yamls_hold_the_seed_flagfiles() -> None:
+    """One YAML per flagfile the seed uses, with the published values (config/CIFAR10_*.txt)."""
+    from guided_diffusion.distill.rcfd_run import load_flags
+
+    assert {Path(rel).name for rel in FLAG_YAMLS if "cifar10_32" in rel} == {
+        "CIFAR10_BASE.yaml", "CIFAR10_PD.yaml", "CIFAR10_RDD.yaml", "CIFAR10_EVAL.yaml"
+    }
+    base = load_flags("yaml/cifar10_32/rcfd/CIFAR10_BASE.yaml")
+    assert (base["lr"], base["batch_size"], base["total_steps"], base["warmup"], base["dropout"]) == (
+        2e-4, 256, 800000, 5000, 0.1
+    )
+    rdd = load_flags("yaml/cifar10_32/rcfd/CIFAR10_RDD.yaml")
+    assert (rdd["feature"], rdd["loss_type"], rdd["temperature"], rdd["lr"], rdd["total_steps"]) == (
+        True, "mp2p", 0.9, 5e-5, 20000
+    )
+    assert (rdd["logits"], rdd["gt"], rdd["ch_mult"], rdd["attn"]) == (False, False, [1, 2, 2, 2], [1])
 
 
 def test_tree_has_seed_named_configs() -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..config import resolve_with_defaults
 from ..gaussian_diffusion import ModelMeanType
 from ..nn import mean_flat
 from ..train_util import TrainLoop
@@ -50,11 +51,7 @@ def defaults() -> dict[str, Any]:
 
 def resolve_step_distill_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`config` over the defaults, checked: unknown keys and bad choices raise a one-line ValueError."""
-    resolved = defaults()
-    for key, value in (config or {}).items():
-        if key not in resolved:
-            raise ValueError(f"step_distill: unknown key {key!r} (known: {', '.join(sorted(resolved))})")
-        resolved[key] = value
+    resolved = resolve_with_defaults(dict(config or {}), defaults(), "step_distill", "its section")
     if resolved["student_prediction"] not in PREDICTIONS:
         raise ValueError(
             f"step_distill: student_prediction must be one of {PREDICTIONS}, "

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import resolve_with_defaults
 from ..ddpm_diffusion import DDPMSchedule, pd_target, truncated_snr_loss
 from .rdd_losses import MemoryP2PLoss, intra_p2p, rcfd_kl
 
@@ -45,11 +46,7 @@ def resolve_rdd_config(
     config: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """`config` over `base` (default `rdd_defaults()`); unknown keys and bad values raise ValueError."""
-    resolved = dict(base or rdd_defaults())
-    for key, value in (config or {}).items():
-        if key not in resolved:
-            raise ValueError(f"rdd: unknown key {key!r} (known: {', '.join(sorted(resolved))})")
-        resolved[key] = value
+    resolved = resolve_with_defaults(dict(config or {}), base or rdd_defaults(), "rdd", "its config")
     if resolved["loss_type"] not in LOSS_TYPES:
         raise ValueError(f"rdd: loss_type must be one of {LOSS_TYPES}, got {resolved['loss_type']!r}")
     if resolved["temperature"] <= 0:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import dist_util
+from ..config import resolve_with_defaults
 from .objective import FeatureProbe
 from .targets import pred_xstart_from_output
 
@@ -50,11 +51,7 @@ def defaults() -> dict[str, Any]:
 
 def resolve_relational_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`config` over the defaults, checked: unknown keys and bad values raise a one-line ValueError."""
-    resolved = defaults()
-    for key, value in (config or {}).items():
-        if key not in resolved:
-            raise ValueError(f"relational: unknown key {key!r} (known: {', '.join(sorted(resolved))})")
-        resolved[key] = value
+    resolved = resolve_with_defaults(dict(config or {}), defaults(), "relational", "its section")
     positive = ("p2p_temperature", "chunk_size", "queue_size", "enqueue_per_step", "num_anchors",
                 "contrast_temperature", "kd_temperature", "logit_temperature")
     for key in positive:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import logger
+from ..config import resolve_with_defaults
 from .objective import FeatureProbe
 
 NOISE_SOURCES = ("teacher_eps", "student_mid")
@@ -45,11 +46,7 @@ def defaults() -> dict[str, Any]:
 
 def resolve_tccd_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`config` over the defaults, checked: unknown keys and bad values raise a one-line ValueError."""
-    resolved = defaults()
-    for key, value in (config or {}).items():
-        if key not in resolved:
-            raise ValueError(f"tccd: unknown key {key!r} (known: {', '.join(sorted(resolved))})")
-        resolved[key] = value
+    resolved = resolve_with_defaults(dict(config or {}), defaults(), "tccd", "its section")
     checks = [
         ("align_weight", resolved["align_weight"] >= 0, "must be >= 0"),
         ("interactive_weight", resolved["interactive_weight"] >= 0, "must be >= 0"),
