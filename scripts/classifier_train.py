@@ -51,10 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     logger.configure(out_dir, format_strs=["stdout"])
     seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = load_data(
-        data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,
-        seed=args.seed, shard=0, num_shards=1,
-    )
     if args.layout == "rdd":
         try:
             model = build_densenet(args.model, args.num_classes)
@@ -62,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"{parser.prog}: error: {exc}\n")
     else:
         model = build_classifier(args.model, args.num_classes, args.image_size, model_kwargs)
+    data = load_data(
+        data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,
+        seed=args.seed, shard=0, num_shards=1,
+    )
     train_classifier(
         model, data, num_classes=args.num_classes, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, device=device,

@@ -17,29 +17,16 @@ import os
 import numpy as np
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.config import ConfigError
 from guided_diffusion.ddpm_diffusion import DDPMSchedule
-from guided_diffusion.distill.rcfd_run import (
-    add_flag_arguments,
-    load_flags,
-    load_stage_model,
-    overrides_from,
-    sample_npz,
-)
+from guided_diffusion.distill.rcfd_run import load_stage_model, parse_flags, sample_npz
 from guided_diffusion.sampling import save_grid, save_samples
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, load the logdir's model, sample num_images and write them."""
     parser = argparse.ArgumentParser(description="Sample an RCFD/RDD model with DDIM for evaluation.")
-    parser.add_argument("--config", required=True, help="flag YAML (yaml/cifar10_32/rcfd/CIFAR10_EVAL.yaml)")
     parser.add_argument("--output_dir", default=None, help="default <logdir>/ddim_stride<stride>")
-    add_flag_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        flags = load_flags(args.config, overrides_from(args))
-    except ConfigError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    args, flags = parse_flags(parser, argv, "yaml/cifar10_32/rcfd/CIFAR10_EVAL.yaml")
     device = dist_util.dev()
     model, meta = load_stage_model(flags["logdir"], flags, device)
     steps, scale = meta["T"], meta["time_scale"]

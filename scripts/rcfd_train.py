@@ -18,14 +18,8 @@ import argparse
 import os
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.config import ConfigError, save_config
-from guided_diffusion.distill.rcfd_run import (
-    STATE_FILE,
-    StageTrainer,
-    add_flag_arguments,
-    load_flags,
-    overrides_from,
-)
+from guided_diffusion.config import save_config
+from guided_diffusion.distill.rcfd_run import STATE_FILE, StageTrainer, parse_flags
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.infra.run_lock import claim_run_dir
 from guided_diffusion.run_setup import seed_everything
@@ -34,14 +28,8 @@ from guided_diffusion.run_setup import seed_everything
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, lock the logdir, build the stage and train it."""
     parser = argparse.ArgumentParser(description="Train an RCFD/RDD base model or a PD/RDD halving stage.")
-    parser.add_argument("--config", required=True, help="flag YAML (yaml/cifar10_32/rcfd/CIFAR10_PD.yaml)")
     parser.add_argument("--resume", action="store_true", help=f"continue from <logdir>/{STATE_FILE}")
-    add_flag_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        flags = load_flags(args.config, overrides_from(args))
-    except ConfigError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    args, flags = parse_flags(parser, argv, "yaml/cifar10_32/rcfd/CIFAR10_PD.yaml")
     if not flags["logdir"]:
         parser.exit(2, f"{parser.prog}: error: --logdir is empty\n")
     if not flags["data_dir"]:

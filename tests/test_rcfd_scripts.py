@@ -14,31 +14,10 @@ from script_env import ENV, PY, REPO
 from guided_diffusion.distill.densenet import build_densenet, save_densenet
 
 torch.set_num_threads(1)
-TINY = [
-    "--ch",
-    "32",
-    "--ch_mult",
-    "1,2",
-    "--num_res_blocks",
-    "1",
-    "--batch_size",
-    "4",
-    "--log_interval",
-    "1",
-    "--sample_step",
-    "0",
-]
-
-
-def _run(script, args, ok=True):
-    proc = subprocess.run([PY, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
-    if ok:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
+NET = "--ch 32 --ch_mult 1,2 --num_res_blocks 1".split()
+TINY = [*NET, *"--batch_size 4 --log_interval 1 --sample_step 0".split()]
 CUT = """
-import sys
+import runpy, sys
 from guided_diffusion.distill import rcfd_run
 
 def stop_after_two(self):
@@ -48,17 +27,20 @@ def stop_after_two(self):
 
 rcfd_run.StageTrainer.run = stop_after_two
 sys.argv[0] = "scripts/rcfd_train.py"
-import runpy
 runpy.run_path("scripts/rcfd_train.py", run_name="__main__")
 """
 
 
-def _cut_after_two_steps(args):
-    """The training script, killed after its step-2 save (the run's total_steps unchanged)."""
-    proc = subprocess.run(
-        [PY, "-c", CUT, *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _run(argv, ok=True):
+    proc = subprocess.run([PY, *argv], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _train(config, data, logdir, *extra, ok=True):
+    args = ["--config", f"yaml/digits_16/rcfd/{config}", "--data_dir", data, "--logdir", str(logdir), *extra]
+    return _run(["scripts/rcfd_train.py", *args], ok=ok)
 
 
 @pytest.fixture(scope="module")
@@ -66,29 +48,12 @@ def digits(tmp_path_factory):
     from datasets.digits import write_digits
 
     root = tmp_path_factory.mktemp("rcfd")
-    paths = write_digits(str(root / "data"), 16)
-    return root, str(paths["train"])
+    return str(write_digits(str(root / "data"), 16)["train"])
 
 
 def test_base_rdd_resume_and_eval(digits, tmp_path):
-    root, data = digits
     base = tmp_path / "base"
-    _run(
-        "scripts/rcfd_train.py",
-        [
-            "--config",
-            "yaml/digits_16/rcfd/DIGITS_BASE.yaml",
-            "--data_dir",
-            data,
-            "--logdir",
-            str(base),
-            "--total_steps",
-            "3",
-            "--save_step",
-            "2",
-            *TINY,
-        ],
-    )
+    _train("DIGITS_BASE.yaml", digits, base, "--total_steps", "3", "--save_step", "2", *TINY)
     ckpt = torch.load(base / "ckpt.pt", weights_only=True)
     assert set(ckpt) == {"net_model", "ema_model", "T", "time_scale", "x_T"} and ckpt["T"] == 1024
     with open(base / "progress.csv") as f:
@@ -98,30 +63,13 @@ def test_base_rdd_resume_and_eval(digits, tmp_path):
     classifier.mkdir()
     torch.manual_seed(0)
     save_densenet(build_densenet("densenet121"), str(classifier / "ckpt.pt"))
-    stage = [
-        "--config",
-        "yaml/digits_16/rcfd/DIGITS_RDD.yaml",
-        "--data_dir",
-        data,
-        "--base_ckpt",
-        str(base),
-        "--classifier_path",
-        str(classifier),
-        "--classifier",
-        "densenet121",
-        *TINY,
-    ]
-    _run(
-        "scripts/rcfd_train.py",
-        [*stage, "--logdir", str(tmp_path / "full"), "--total_steps", "4", "--save_step", "2"],
-    )
-    _cut_after_two_steps(
-        [*stage, "--logdir", str(tmp_path / "cut"), "--total_steps", "4", "--save_step", "2"]
-    )
-    _run(
-        "scripts/rcfd_train.py",
-        [*stage, "--logdir", str(tmp_path / "cut"), "--total_steps", "4", "--save_step", "2", "--resume"],
-    )
+    stage = ["--base_ckpt", str(base), "--classifier_path", str(classifier), "--classifier", "densenet121",
+             "--total_steps", "4", "--save_step", "2", *TINY]
+    _train("DIGITS_RDD.yaml", digits, tmp_path / "full", *stage)
+    cut = ["--config", "yaml/digits_16/rcfd/DIGITS_RDD.yaml", "--data_dir", digits, "--logdir",
+           str(tmp_path / "cut"), *stage]
+    _run(["-c", CUT, *cut])  # the script, killed after its step-2 save
+    _train("DIGITS_RDD.yaml", digits, tmp_path / "cut", *stage, "--resume")
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     resumed = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
     assert (full["T"], full["time_scale"]) == (4, 256) and "ema_model" not in full
@@ -134,67 +82,37 @@ def test_base_rdd_resume_and_eval(digits, tmp_path):
 
     for logdir, stride, name in ((base, "128", "base8"), (tmp_path / "full", "1", "rdd4")):
         out = tmp_path / name
-        _run(
-            "scripts/rcfd_eval.py",
-            [
-                "--config",
-                "yaml/digits_16/rcfd/DIGITS_EVAL.yaml",
-                "--logdir",
-                str(logdir),
-                "--stride",
-                stride,
-                "--num_images",
-                "3",
-                "--batch_size",
-                "2",
-                "--ch",
-                "32",
-                "--ch_mult",
-                "1,2",
-                "--num_res_blocks",
-                "1",
-                "--output_dir",
-                str(out),
-            ],
-        )
+        config = "yaml/digits_16/rcfd/DIGITS_EVAL.yaml"
+        _run(["scripts/rcfd_eval.py", "--config", config, "--logdir", str(logdir), "--stride", stride,
+              "--num_images", "3", "--batch_size", "2", *NET, "--output_dir", str(out)])
         with np.load(out / "samples_3x16x16x3.npz") as npz:
             assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
 
 
 def test_bad_flags_are_one_line_errors(digits, tmp_path):
-    _, data = digits
-    proc = _run(
-        "scripts/rcfd_train.py",
-        [
-            "--config",
-            "yaml/digits_16/rcfd/DIGITS_PD.yaml",
-            "--data_dir",
-            data,
-            "--logdir",
-            str(tmp_path / "pd"),
-        ],
-        ok=False,
-    )
+    proc = _train("DIGITS_PD.yaml", digits, tmp_path / "pd", ok=False)
     assert proc.returncode != 0 and "needs base_ckpt" in proc.stderr.strip().splitlines()[-1]
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: base\nlerning_rate: 0.1\n")
-    proc = _run(
-        "scripts/rcfd_train.py",
-        ["--config", str(bad), "--data_dir", data, "--logdir", str(tmp_path / "b")],
-        ok=False,
-    )
+    proc = _run(["scripts/rcfd_train.py", "--config", str(bad), "--data_dir", digits, "--logdir",
+                 str(tmp_path / "b")], ok=False)
     assert proc.returncode == 2 and "unknown key 'lerning_rate'" in proc.stderr
-    proc = _run(
-        "scripts/rcfd_train.py",
-        [
-            "--config",
-            "yaml/digits_16/rcfd/DIGITS_BASE.yaml",
-            "--data_dir",
-            data,
-            "--logdir",
-            str(tmp_path / "none"),
-            "--resume",
-        ],
-        ok=False,
-    )
+    proc = _train("DIGITS_BASE.yaml", digits, tmp_path / "none", "--resume", ok=False)
     assert proc.returncode == 2 and "train_state.pt does not exist" in proc.stderr
+
+
+def test_rdd_classifier_layout_trains_and_loads(tmp_path):
+    """scripts/classifier_train.py --layout rdd writes the authors' {"model": state_dict} file."""
+    from guided_diffusion.distill.densenet import load_densenet
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, rng.integers(0, 255, (16, 16, 16, 3), dtype=np.uint8), np.arange(16) % 10)
+    out = tmp_path / "densenet121" / "ckpt.pt"
+    _run(["scripts/classifier_train.py", "--layout", "rdd", "--model", "densenet121", "--image_size", "16",
+          "--epochs", "1", "--batch_size", "8", "--data_dir", str(data), "--output", str(out)])
+    assert set(torch.load(out, weights_only=True)) == {"model"}
+    assert load_densenet(str(out.parent), "densenet121").feature_channels == 1024
+    proc = _run(["scripts/classifier_train.py", "--layout", "rdd", "--model", "densenet99",
+                 "--image_size", "16", "--data_dir", str(data), "--output", str(out)], ok=False)
+    assert proc.returncode == 2 and "unknown DenseNet 'densenet99'" in proc.stderr

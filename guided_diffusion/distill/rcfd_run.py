@@ -73,6 +73,18 @@ def overrides_from(args: Any) -> dict[str, Any]:
     return {key: getattr(args, key) for key in flag_defaults() if getattr(args, key, None) is not None}
 
 
+def parse_flags(parser: Any, argv: list[str] | None, example: str) -> tuple[Any, dict[str, Any]]:
+    """Add `--config` (a flag YAML like `example`) and every `--<flag>` to the scripts' parser, parse, and
+    return (args, flags); a bad config exits with a one-line error."""
+    parser.add_argument("--config", required=True, help=f"flag YAML ({example})")
+    add_flag_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args, load_flags(args.config, overrides_from(args))
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
 def load_flags(path: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A flag YAML over the defaults, then the command line's `overrides` (None values skipped); checked."""
     from omegaconf import OmegaConf
