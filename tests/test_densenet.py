@@ -57,9 +57,9 @@ def test_features_and_logits_match_the_reference(ref):
         feature_map, pooled = model.map_and_pooled(f["x"])
         logits = model(f["x"])
         raw, _ = model.map_and_pooled(f["x"], post_relu_map=False)
-    torch.testing.assert_close(feature_map, f["map"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(pooled, f["pooled"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits, f["logits_type_both"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(feature_map, f["map"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, f["pooled"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, f["logits_type_both"], rtol=1e-5, atol=1e-5)
     assert feature_map.min() == 0 and raw.min().item() == pytest.approx(f["final_norm_output_min"], rel=1e-4)
 
 
