@@ -246,6 +246,16 @@ class GaussianDiffusion:
             raise ValueError(f"fixed variance needs {channels} output channels, model gave {raw.shape[1]}")
         return raw, None
 
+    def learned_log_variance_range(
+        self, t: torch.Tensor, shape: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-variances a learned-range output interpolates between at `t`: the clipped posterior's
+        (output -1) and beta_t's (output +1), broadcast to `shape`."""
+        return (
+            self._extract("posterior_log_variance_clipped", t, shape),
+            self._extract("log_betas", t, shape),
+        )
+
     def _variance(
         self, var_part: torch.Tensor | None, t: torch.Tensor, shape: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,8 +263,7 @@ class GaussianDiffusion:
         if self.model_var_type == ModelVarType.LEARNED:
             return torch.exp(var_part), var_part
         if self.model_var_type == ModelVarType.LEARNED_RANGE:
-            min_log = self._extract("posterior_log_variance_clipped", t, shape)
-            max_log = self._extract("log_betas", t, shape)
+            min_log, max_log = self.learned_log_variance_range(t, shape)
             frac = (var_part + 1) / 2  # the network outputs [-1, 1]
             log_variance = frac * max_log + (1 - frac) * min_log
             return torch.exp(log_variance), log_variance

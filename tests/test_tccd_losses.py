@@ -14,7 +14,7 @@ from guided_diffusion.distill.tccd import (
     TCCDLoss,
     TimestepNoiseAlignment,
     info_nce_timestep,
-    interactive_guidance_loss,
+    interactive_inputs,
     resolve_tccd_config,
 )
 from guided_diffusion.distill.tccd import (
@@ -172,6 +172,17 @@ class RecordingQuery:
             return self.diffusion.p_mean_variance(self.teacher, x, t)
 
 
+def interactive_guidance_loss(student, diffusion, x_t, t, teacher_query):
+    """TCCD stage two on its own, the oracle for the bundled loss: the DKDM objective at the student's own
+    next state (items with t > 0); loss is the mean over those items (0 if none)."""
+    x_sel, t_sel, teacher_out, keep = interactive_inputs(student, diffusion, x_t, t, teacher_query)
+    count = keep.sum()
+    if x_sel.shape[0] == 0:
+        return {"loss": x_t.new_zeros(()), "count": count}
+    terms = diffusion.training_losses_kd(student, x_t=x_sel, t=t_sel, out=teacher_out)
+    return {**{k: v.mean() for k, v in terms.items()}, "count": count}
+
+
 def make_batch(teacher, diffusion, t):
     g = torch.Generator().manual_seed(3)
     x_t = torch.randn(len(t), 3, 16, 16, generator=g)
@@ -186,7 +197,7 @@ def test_interactive_queries_teacher_at_students_own_step(models):
     x_t = make_batch(teacher, diffusion, t)["x_t"]
     query = RecordingQuery(teacher, diffusion)
     torch.manual_seed(11)
-    terms = interactive_guidance_loss(student, None, diffusion, x_t, t, query)
+    terms = interactive_guidance_loss(student, diffusion, x_t, t, query)
     torch.manual_seed(11)
     with torch.no_grad():
         own = diffusion.p_sample(student, x_t, t)["sample"]
@@ -216,7 +227,7 @@ def test_interactive_step_keeps_student_variance_in_learned_range(models):
     with torch.no_grad():
         assert diffusion.p_sample(wild, x_t, t)["sample"].abs().max() > 1e6
     query = RecordingQuery(teacher, diffusion)
-    interactive_guidance_loss(wild, None, diffusion, x_t, t, query)
+    interactive_guidance_loss(wild, diffusion, x_t, t, query)
     [(x_seen, _)] = query.calls
     mean = diffusion.p_mean_variance(wild, x_t, t)["mean"]
     beta = torch.from_numpy(diffusion.betas).float()[t].view(-1, 1, 1, 1)
@@ -229,11 +240,9 @@ def test_interactive_with_all_t_zero_queries_nothing(models):
     student, teacher, diffusion = models
     query = RecordingQuery(teacher, diffusion)
     terms = interactive_guidance_loss(
-        student, None, diffusion, torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), query
+        student, diffusion, torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), query
     )
     assert query.calls == [] and terms["loss"].item() == 0.0 and int(terms["count"]) == 0
-    with pytest.raises(ValueError, match="teacher or a teacher_query"):
-        interactive_guidance_loss(student, None, diffusion, torch.randn(1, 3, 16, 16), torch.ones(1).long())
 
 
 def test_tccd_loss_combines_dkdm_alignment_and_interactive_terms(models):
@@ -248,7 +257,7 @@ def test_tccd_loss_combines_dkdm_alignment_and_interactive_terms(models):
     torch.testing.assert_close(out["kd"], kd_direct.detach())
     torch.manual_seed(7)
     fresh_query = RecordingQuery(teacher, diffusion)
-    inter = interactive_guidance_loss(student, None, diffusion, batch["x_t"], t, fresh_query)
+    inter = interactive_guidance_loss(student, diffusion, batch["x_t"], t, fresh_query)
     torch.testing.assert_close(out["interactive"], inter["loss"].detach())
     assert out["interactive_count"].item() == 3
     expected = kd_direct.mean() + 0.1 * out["align"] + 0.5 * inter["loss"]

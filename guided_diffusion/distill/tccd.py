@@ -160,16 +160,6 @@ class TimestepNoiseAlignment(nn.Module):
 # Interactive self-supervised guidance
 
 
-def teacher_query_from(teacher: nn.Module, diffusion: Any, clip_denoised: bool = True) -> TeacherQuery:
-    """A `teacher_query(x, t)` that runs the teacher's `p_mean_variance` without gradient."""
-
-    def query(x: torch.Tensor, t: torch.Tensor) -> Mapping[str, torch.Tensor]:
-        with torch.no_grad():
-            return diffusion.p_mean_variance(teacher, x, t, clip_denoised=clip_denoised)
-
-    return query
-
-
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """A detached tensor usable in autograd (tensors made under inference_mode are copied)."""
     return tensor.clone() if tensor.is_inference() else tensor.detach()
@@ -194,8 +184,7 @@ def _student_step(
     the teacher's answer there) to inf. Inside the range this is exactly `p_sample` (same noise draw).
     """
     out = diffusion.p_mean_variance(student, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-    lo = diffusion._extract("posterior_log_variance_clipped", t, x_t.shape)
-    hi = diffusion._extract("log_betas", t, x_t.shape)
+    lo, hi = diffusion.learned_log_variance_range(t, x_t.shape)
     log_variance = out["log_variance"].clamp(torch.minimum(lo, hi), torch.maximum(lo, hi))
     noise = torch.randn_like(x_t)
     nonzero = (t != 0).float().view(-1, *([1] * (x_t.dim() - 1)))
@@ -227,38 +216,6 @@ def interactive_inputs(
         raise KeyError(f"teacher_query output lacks {missing}; return the teacher's p_mean_variance dict")
     teacher_out = {k: _plain(v) for k, v in raw.items()}
     return x_sel, t_sel, teacher_out, keep
-
-
-def interactive_guidance_loss(
-    student: Any,
-    teacher: nn.Module | None,
-    diffusion: Any,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    teacher_query: TeacherQuery | None = None,
-    clip_denoised: bool = True,
-    model_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, torch.Tensor]:
-    """TCCD stage two on its own: the DKDM objective at the student's own next state (items with t > 0).
-
-    `teacher_query(x, t)` returns the teacher's p_mean_variance dict; without it one is built from `teacher`.
-    Returns loss (mean over kept items, 0 if none), mse, vb (when the variance is learned) and count.
-    """
-    if teacher_query is None:
-        if teacher is None:
-            raise ValueError("interactive_guidance_loss needs a teacher or a teacher_query")
-        teacher_query = teacher_query_from(teacher, diffusion, clip_denoised)
-    x_sel, t_sel, teacher_out, keep = interactive_inputs(
-        student, diffusion, x_t, t, teacher_query, clip_denoised, model_kwargs
-    )
-    count = keep.sum()
-    if x_sel.shape[0] == 0:
-        zero = x_t.new_zeros(())
-        return {"loss": zero, "mse": zero, "count": count}
-    terms = diffusion.training_losses_kd(
-        student, x_t=x_sel, t=t_sel, out=teacher_out, model_kwargs=_select_kwargs(model_kwargs, keep)
-    )
-    return {**{k: v.mean() for k, v in terms.items()}, "count": count}
 
 
 # ---------------------------------------------------------------------------------------------------------
