@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from script_env import ENV, PY, REPO
+from script_env import ENV, MPIEXEC, PY, REPO
 
 from guided_diffusion.distill.densenet import build_densenet, save_densenet
 
@@ -116,3 +116,37 @@ def test_rdd_classifier_layout_trains_and_loads(tmp_path):
     proc = _run(["scripts/classifier_train.py", "--layout", "rdd", "--model", "densenet99",
                  "--image_size", "16", "--data_dir", str(data), "--output", str(out)], ok=False)
     assert proc.returncode == 2 and "unknown DenseNet 'densenet99'" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_two_ranks_train_an_rdd_stage_in_sync(digits, tmp_path):
+    """mpiexec -n 2 on CPU: DDP student, the gathered queue keys, per-rank BatchNorm in the memory head
+    (SyncBatchNorm needs CUDA), each rank's data shard; both ranks end with the same student."""
+    base = tmp_path / "base"
+    _train("DIGITS_BASE.yaml", digits, base, "--total_steps", "1", "--save_step", "1", *TINY)
+    classifier = tmp_path / "cls"
+    classifier.mkdir()
+    torch.manual_seed(0)
+    save_densenet(build_densenet("densenet121"), str(classifier / "ckpt.pt"))
+    dump = tmp_path / "dump.py"
+    dump.write_text(
+        "import runpy, sys, torch\n"
+        "from guided_diffusion import dist_util\n"
+        "from guided_diffusion.distill import rcfd_run\n"
+        "run = rcfd_run.StageTrainer.run\n"
+        "def run_and_dump(self):\n"
+        "    run(self)\n"
+        f"    torch.save(self.model.state_dict(), f'{tmp_path}/rank{{dist_util.get_rank()}}.pt')\n"
+        "rcfd_run.StageTrainer.run = run_and_dump\n"
+        "sys.argv[0] = 'scripts/rcfd_train.py'\n"
+        "runpy.run_path('scripts/rcfd_train.py', run_name='__main__')\n"
+    )
+    args = ["--config", "yaml/digits_16/rcfd/DIGITS_RDD.yaml", "--data_dir", digits, "--logdir",
+            str(tmp_path / "rdd"), "--base_ckpt", str(base), "--classifier_path", str(classifier),
+            "--classifier", "densenet121", "--total_steps", "2", "--save_step", "2", *TINY]
+    command = [MPIEXEC, "-n", "2", PY, str(dump), *args]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "per-rank BatchNorm statistics" in (tmp_path / "rdd" / "log.txt").read_text()

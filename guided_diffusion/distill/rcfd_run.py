@@ -203,7 +203,10 @@ class StageTrainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.trained = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             if self.objective is not None and self.objective.memory is not None:
-                self.objective.memory = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective.memory)
+                if self.device.type == "cuda":  # the authors' SyncBatchNorm: head statistics over all ranks
+                    self.objective.memory = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective.memory)
+                else:
+                    logger.log("memory head: per-rank BatchNorm statistics (SyncBatchNorm needs CUDA)")
         self.opt = torch.optim.Adam(self.model.parameters(), lr=flags["lr"], weight_decay=flags["wd"])
         if method == "base":
             warmup = max(int(flags["warmup"]), 1)
