@@ -19,7 +19,7 @@ import os
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import save_config
-from guided_diffusion.distill.rcfd_run import STATE_FILE, StageTrainer, parse_flags
+from guided_diffusion.distill.rcfd_run import CKPT_FILE, STATE_FILE, StageTrainer, parse_flags
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.infra.run_lock import claim_run_dir
 from guided_diffusion.run_setup import seed_everything
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: --data_dir is empty (an image folder or an .npz)\n")
     if args.resume and not os.path.isfile(os.path.join(flags["logdir"], STATE_FILE)):
         parser.exit(2, f"{parser.prog}: error: --resume: {flags['logdir']}/{STATE_FILE} does not exist\n")
+    if not args.resume and os.path.isfile(os.path.join(flags["logdir"], CKPT_FILE)):
+        message = f"{flags['logdir']} already holds a {CKPT_FILE}; pass --resume or another --logdir"
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     dist_util.setup_dist()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     if flags["batch_size"] % world:

@@ -99,6 +99,12 @@ def test_bad_flags_are_one_line_errors(digits, tmp_path):
     assert proc.returncode == 2 and "unknown key 'lerning_rate'" in proc.stderr
     proc = _train("DIGITS_BASE.yaml", digits, tmp_path / "none", "--resume", ok=False)
     assert proc.returncode == 2 and "train_state.pt does not exist" in proc.stderr
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "ckpt.pt").write_bytes(b"a finished run's model")
+    proc = _train("DIGITS_BASE.yaml", digits, used, ok=False)
+    assert proc.returncode == 2 and "already holds a ckpt.pt; pass --resume" in proc.stderr
+    assert (used / "ckpt.pt").read_bytes() == b"a finished run's model"
 
 
 def test_rdd_classifier_layout_trains_and_loads(tmp_path):
