@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import dist_util, logger
 from ..config import ConfigError, resolve_with_defaults
-from ..ddpm_diffusion import DDPMSchedule, ddim_sample
+from ..ddpm_diffusion import DDPMSchedule, ddim_sample, truncated_snr_loss
 from ..ddpm_unet import DDPMUNet, load_rcfd_checkpoint, save_rcfd_checkpoint
 from ..infra.checkpoint import atomic_torch_save, safe_torch_load
 from ..train_util import rng_state, set_rng_state
@@ -153,11 +153,7 @@ def base_loss(
     noise = torch.randn_like(x0)
     index = t * time_scale
     z = schedule.q_sample(x0, index, noise)
-    pred = model(z, index, y)
-    b = x0.shape[0]
-    x0_mse = (pred - x0).pow(2).reshape(b, -1).mean(dim=1)
-    eps_mse = (schedule.eps_from_x0(z, pred, index) - noise).pow(2).reshape(b, -1).mean(dim=1)
-    return torch.maximum(x0_mse, eps_mse).mean()
+    return truncated_snr_loss(schedule, z, index, model(z, index, y), x0, noise)["loss"]
 
 
 class StageTrainer:
@@ -171,9 +167,9 @@ class StageTrainer:
         self.world = dist_util.get_world_size()
         method = flags["method"]
         self.method = method
-        self.schedule = DDPMSchedule(flags["T"] * flags["time_scale"])
         if method == "base":
             self.T, self.time_scale = flags["T"], flags["time_scale"]
+            self.schedule = DDPMSchedule(self.T * self.time_scale)
             self.model = build_unet(flags, self.T * self.time_scale).to(self.device)
             self.ema = copy.deepcopy(self.model)
             self.objective: RDDObjective | None = None
@@ -312,8 +308,7 @@ class StageTrainer:
         if self.head_opt is not None and self.world > 1:
             for p in self.objective.memory.parameters():
                 if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= self.world
+                    p.grad.copy_(dist_util.all_reduce_mean(p.grad))
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.flags["grad_clip"])
         self.opt.step()
         if self.head_opt is not None:
