@@ -53,26 +53,49 @@ def start_run(kind: str, cfg: DictConfig, args: argparse.Namespace, split_batch:
     configure the logger there and save the resolved config. A run dir another process holds, or a fresh
     training run into a dir with checkpoints, stops every rank with a one-line error (run_lock).
     `split_batch=False` for sampling, whose batch_size is per rank."""
-    dist_util.setup_dist()
-    dist_util.abort_on_exception()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    section = primary_section(cfg)
+    world = join_process_group(int(section.get("seed", 0)))
     if split_batch:
         validate_world_size(cfg, world)
-    section = primary_section(cfg)
-    seed_everything(int(section.get("seed", 0)) + rank)
     resume = section.get("resume_checkpoint") or None
     run_dir = choose_run_dir(kind, cfg, getattr(args, "exp_dir", None), resume)
     allow_checkpoints = bool(resume) or kind not in TRAINING_KINDS
-    refusal = claim_run_dir(run_dir, allow_checkpoints) if rank == 0 else None
+    return claim_and_configure(
+        run_dir, allow_checkpoints, cfg, kind, wandb_project=getattr(args, "wandb", None),
+        wandb_config=dict(section),
+    )
+
+
+def join_process_group(seed: int) -> int:
+    """Join the process group (an exception on one rank aborts them all) and seed this rank with
+    `seed` + rank; returns the world size."""
+    dist_util.setup_dist()
+    dist_util.abort_on_exception()
+    seed_everything(seed + dist_util.get_rank())
+    return dist_util.get_world_size()
+
+
+def claim_and_configure(
+    run_dir: str,
+    allow_checkpoints: bool,
+    cfg: Mapping[str, Any],
+    kind: str,
+    wandb_project: str | None = None,
+    wandb_config: Mapping[str, Any] | None = None,
+) -> str:
+    """Lock `run_dir` (rank 0 decides; a refusal stops every rank with a one-line error, run_lock),
+    configure the logger there, save the resolved `cfg` as config.yaml and return the dir (rank 0's)."""
+    refusal = claim_run_dir(run_dir, allow_checkpoints) if dist_util.get_rank() == 0 else None
     run_dir, refusal = dist_util.broadcast_object((run_dir, refusal))
     if refusal:
         raise SystemExit(f"error: {refusal}")
     logger.configure(
-        run_dir, format_strs=["stdout", "log", "csv"], wandb_project=getattr(args, "wandb", None),
-        wandb_config=dict(section),
+        run_dir, format_strs=["stdout", "log", "csv"], wandb_project=wandb_project,
+        wandb_config=dict(wandb_config or {}),
     )
     if dist_util.is_main_process():
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    world = dist_util.get_world_size()
     logger.log(f"{kind}: config {cfg.get(SOURCE_KEY)}, {world} rank(s), device {dist_util.dev()}")
     dist_util.barrier()
     return run_dir

@@ -18,11 +18,9 @@ import argparse
 import os
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.config import save_config
 from guided_diffusion.distill.rcfd_run import CKPT_FILE, STATE_FILE, StageTrainer, parse_flags
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.infra.run_lock import claim_run_dir
-from guided_diffusion.run_setup import seed_everything
+from guided_diffusion.run_setup import claim_and_configure, join_process_group
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,19 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume and os.path.isfile(os.path.join(flags["logdir"], CKPT_FILE)):
         message = f"{flags['logdir']} already holds a {CKPT_FILE}; pass --resume or another --logdir"
         parser.exit(2, f"{parser.prog}: error: {message}\n")
-    dist_util.setup_dist()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    world = join_process_group(flags["seed"])
     if flags["batch_size"] % world:
         raise SystemExit(f"error: batch_size {flags['batch_size']} is not divisible by {world} ranks")
-    refusal = claim_run_dir(flags["logdir"], args.resume) if rank == 0 else None
-    refusal = dist_util.broadcast_object(refusal)
-    if refusal:
-        raise SystemExit(f"error: {refusal}")
-    seed_everything(flags["seed"] + rank)
-    logger.configure(flags["logdir"], format_strs=["stdout", "log", "csv"])
-    if rank == 0:
-        save_config(flags, os.path.join(flags["logdir"], "config.yaml"))
-    logger.log(f"{flags['method']}: config {flags['config']}, {world} rank(s), device {dist_util.dev()}")
+    claim_and_configure(flags["logdir"], args.resume, flags, flags["method"])
     data = load_data(
         data_dir=flags["data_dir"], batch_size=flags["batch_size"] // world, image_size=flags["img_size"],
         class_cond=flags["conditional"], random_flip=flags["random_flip"], seed=flags["seed"],
