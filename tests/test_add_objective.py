@@ -33,7 +33,6 @@ EXAMPLE = textwrap.dedent(
     class MiddleEnergy(torch.nn.Module):
         base = False
         needs_features = True
-        section = "middle_energy"
 
         def __init__(self, weight):
             super().__init__()

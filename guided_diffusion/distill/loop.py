@@ -10,7 +10,7 @@ optimized with the student and kept in the opt file.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,16 +40,10 @@ class _PoolRNG:
         self.pool.load_rng_state(state)
 
 
-def _named(objectives: Mapping[str, Objective] | Sequence[Objective]) -> dict[str, Objective]:
-    if isinstance(objectives, Mapping):
-        return dict(objectives)
-    return {getattr(obj, "section", type(obj).__name__.lower()): obj for obj in objectives}
-
-
 class KDTrainLoop(TrainLoop):
     """The DKDM student loop: draws from `dynamic_batch` and trains on the sum of its objectives.
 
-    `objectives` maps section names to objectives (a list is named by each one's `section`). Unless one of
+    `objectives` maps section names to objectives. Unless one of
     them is a base objective (`base = True`, e.g. TCCD's), DKDM's own `DKDMObjective` is the base, built
     from `input_perturb` and `student_clip_denoised`. `batch_size` (per rank) must equal the pool's batch
     size; `tempfile` is the pool's start cache (prepared there if absent). `cache_save_interval` > 0 also
@@ -67,7 +61,7 @@ class KDTrainLoop(TrainLoop):
         input_perturb: float = 0.0,
         student_clip_denoised: bool = False,
         cache_save_interval: int = -1,
-        objectives: Mapping[str, Objective] | Sequence[Objective] = (),
+        objectives: Mapping[str, Objective] | None = None,
         **kwargs: Any,
     ) -> None:
         student_diffusion = kwargs["diffusion"]
@@ -81,7 +75,7 @@ class KDTrainLoop(TrainLoop):
         self.teacher_diffusion = teacher_diffusion
         self.dynamic_batch = dynamic_batch
         self.cache_save_interval = int(cache_save_interval)
-        named = _named(objectives)
+        named = dict(objectives or {})
         bases = [name for name, obj in named.items() if obj.base]
         if len(bases) > 1:
             raise KDSetupError(f"objectives {bases} each replace the DKDM term; use one of them")

@@ -99,28 +99,27 @@ def find_method(section: str) -> Method | None:
 
 
 def known_sections() -> list[str]:
-    """The section names methods own: registered ones and this package's modules that define
-    `defaults()` (found without importing them)."""
+    """The section names methods own: registered ones and this package's modules that define `defaults()`
+    (imports them; only an unknown section's error message asks)."""
     import pkgutil
     from pathlib import Path
 
-    names = set(_REGISTERED)
     aliases = {module: section for section, module in SECTION_MODULES.items()}
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        source = Path(__file__).parent / f"{info.name}.py"
-        if source.is_file() and "\ndef defaults(" in source.read_text():
-            names.add(aliases.get(info.name, info.name))
-    return sorted(names)
+    modules = pkgutil.iter_modules([str(Path(__file__).parent)])
+    found = {aliases.get(info.name, info.name) for info in modules}
+    return sorted(set(_REGISTERED) | {name for name in found if find_method(name) is not None})
 
 
-def build_objectives(sections: Mapping[str, Mapping[str, Any]], parts: RunParts) -> list[Objective]:
-    """The objectives of every method section in `sections` (YAML order)."""
-    objectives = []
+def build_objectives(
+    sections: Mapping[str, Mapping[str, Any]], parts: RunParts
+) -> dict[str, Objective]:
+    """The objective of every method section in `sections`, by section name (YAML order)."""
+    objectives = {}
     for section, config in sections.items():
         method = find_method(section)
         if method is None or method.build is None:
             raise ValueError(f"section '{section}' is not a term of the DKDM loop")
-        objectives.append(method.build(config, parts))
+        objectives[section] = method.build(config, parts)
     return objectives
 
 

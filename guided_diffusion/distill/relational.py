@@ -347,7 +347,6 @@ class RelationalTerm(nn.Module):
     """
 
     base = False
-    section = "relational"
 
     def __init__(
         self,

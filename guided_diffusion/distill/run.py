@@ -67,10 +67,9 @@ def build_run(
         student_diffusion=student_diffusion, cfg=cfg, device=device, pool=pool,
         classifier_path=classifier_path,
     )
-    objectives = build_objectives(method_sections(cfg), parts)
     return KDTrainLoop(
         teacher=teacher, teacher_diffusion=teacher_diffusion, dynamic_batch=pool, tempfile=tempfile,
-        objectives={obj.section: obj for obj in objectives},
+        objectives=build_objectives(method_sections(cfg), parts),
         input_perturb=teacher_s["input_perturb"], student_clip_denoised=teacher_s["student_clip_denoised"],
         cache_save_interval=student_s["cache_save_interval"],
         model=student, diffusion=student_diffusion, batch_size=pool.batch_size,

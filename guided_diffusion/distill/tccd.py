@@ -356,7 +356,6 @@ class TCCDObjective(nn.Module):
 
     base = True
     needs_features = False
-    section = "tccd"
 
     def __init__(
         self,
