@@ -22,7 +22,7 @@ from guided_diffusion.distill.dkdm.setup import (
     make_dynamic_batch,
 )
 from guided_diffusion.infra.compile_util import FastPath, fast_frozen
-from guided_diffusion.run_setup import add_run_arguments, start_run
+from guided_diffusion.run_setup import add_run_arguments, run_script, start_run
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 FLAGS = {"batch_size": int, "seed": int}
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

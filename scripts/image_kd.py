@@ -17,7 +17,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
 from guided_diffusion.distill.dkdm.setup import KDSetupError
 from guided_diffusion.distill.run import build_run, check_kd_config
-from guided_diffusion.run_setup import add_run_arguments, start_run
+from guided_diffusion.run_setup import add_run_arguments, run_script, start_run
 
 FLAGS = {**TRAINING_FLAGS, "cache_save_interval": int}
 
@@ -44,4 +44,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,6 +19,7 @@ from guided_diffusion.run_setup import (
     add_run_arguments,
     build_model_and_diffusion,
     load_model_weights,
+    run_script,
     start_run,
 )
 from guided_diffusion.sampling import sample_images_and_labels, save_grid, save_samples
@@ -70,4 +71,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,6 +13,7 @@ from guided_diffusion.run_setup import (
     add_run_arguments,
     build_model_and_diffusion,
     load_model_weights,
+    run_script,
     start_run,
 )
 from guided_diffusion.train_util import TrainLoop, loop_kwargs
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,7 +20,7 @@ import os
 from guided_diffusion import dist_util, logger
 from guided_diffusion.distill.rcfd_run import CKPT_FILE, STATE_FILE, StageTrainer, parse_flags
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.run_setup import claim_and_configure, join_process_group
+from guided_diffusion.run_setup import claim_and_configure, join_process_group, run_script
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

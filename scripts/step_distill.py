@@ -15,7 +15,7 @@ from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_conf
 from guided_diffusion.distill.dkdm.setup import KDSetupError
 from guided_diffusion.distill.progressive import add_step_distill_arguments, apply_stage_overrides
 from guided_diffusion.distill.run import build_step_distill_run
-from guided_diffusion.run_setup import add_run_arguments, start_run
+from guided_diffusion.run_setup import add_run_arguments, run_script, start_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -260,6 +260,34 @@ def test_ranks_prepare_and_train_in_sync(kd_files, tmp_path, ranks):
         assert load_cache(run / "teacher-state-000004.cache", T=20)["total_t"].shape[0] == 4 * n_per_rank
 
 
+ABORT_AT_TEARDOWN = textwrap.dedent(
+    """
+    import atexit, os, runpy, sys
+
+    atexit.register(os.abort)  # a fault in interpreter teardown, as a library's static destructor raising
+    sys.argv[0] = "scripts/image_kd.py"
+    runpy.run_path("scripts/image_kd.py", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.mpi
+def test_finished_run_exits_zero_whatever_teardown_does(kd_files, tmp_path):
+    """Issue 19: finished 2-rank runs exited with code 6 (SIGABRT, "terminate called without an active
+    exception") from the interpreter's teardown; the scripts now end with status 0 once their work is saved."""
+    _, config = kd_files
+    raw = OmegaConf.load(config)
+    raw.teacher.tempfile = str(tmp_path / "pool.cache")
+    OmegaConf.save(raw, tmp_path / "kd.yaml")
+    wrapper = tmp_path / "abort_at_teardown.py"
+    wrapper.write_text(ABORT_AT_TEARDOWN)
+    run = tmp_path / "run"
+    proc = _run(str(wrapper), ["--config", str(tmp_path / "kd.yaml"), "--exp_dir", str(run), "--max_steps", "2",
+                                "--save_interval", "2"], mpi=2, timeout=300)
+    assert "distillation done" in proc.stdout
+    assert (run / "model000002.pt").is_file()
+
+
 def test_unwritable_pool_path_is_refused_before_the_teacher_runs(kd_files, tmp_path):
     """Issue 19: a tempfile that cannot be written was found only after the whole pool was computed."""
     root, _ = kd_files
