@@ -175,7 +175,7 @@ def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_d
         return (lambda: loop.run_step(*loop.next_batch())), 3 * fwd + t_fwd
     model = model.eval().requires_grad_(False)
     if case.kind == "sample":  # as sampling.sample_images: one batch size per call site
-        net = fast_frozen(model, opts.fast, static_shapes=True, name="sampling UNet")
+        net = fast_frozen(model, opts.fast, name="sampling UNet")
         x = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
         t = torch.full((batch,), diffusion.num_timesteps // 2, dtype=torch.long, device=device)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]
@@ -187,8 +187,8 @@ def make_step(case: Case, opts: Options, tiny: bool, device: torch.device, run_d
                 diffusion.p_sample(net, x, t, clip_denoised=True)
 
         return sample_step, fwd
-    pool = DynamicBatch(  # as dynamic_prepare.py: the preparing teacher may see shrinking chunks
-        fast_frozen(model, opts.fast, static_shapes=False, name="teacher UNet"),
+    pool = DynamicBatch(  # as dynamic_prepare.py: full-size calls of mixed timesteps
+        fast_frozen(model, opts.fast, name="teacher UNet"),
         diffusion, batch_size=batch, image_shape=(3, model.image_size, model.image_size),
         iter_choice="shuffled_iterative_distillation", teacher_batch_size=batch,
         precision=opts.precision, device=device, seed=0,

@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = make_dynamic_batch(
         cfg.teacher, cfg.student, teacher, teacher_diffusion, student_diffusion, device
     )
-    pool.teacher = fast_frozen(teacher, FastPath.from_section(cfg.student), static_shapes=False,
-                               name="teacher UNet")
+    pool.teacher = fast_frozen(teacher, FastPath.from_section(cfg.student), name="teacher UNet")
     logger.log(f"preparing {pool.size} items per rank x {pool.world_size} rank(s) -> {path}")
     pool.prepare_and_save(path)
     dist_util.cleanup()

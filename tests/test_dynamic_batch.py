@@ -347,3 +347,26 @@ def test_mpi_prepare_writes_all_ranks_and_each_rank_loads_its_slice(tmp_path):
     np.testing.assert_array_equal(saved["total_t"], np.concatenate([r0, r1]))
     assert (20 - r0).sum() == (20 - r1).sum()  # equal teacher work per rank
     assert not np.array_equal(saved["total_x_t_1"][:n], saved["total_x_t_1"][n:])
+
+
+def test_padding_never_exceeds_a_pool_smaller_than_the_teacher_batch(teacher_and_diffusion):
+    """Issue 17: a pool of 1,280 items (BATCH 0.01) prepared with teacher batch 3072 was padded to 3072 per
+    call, 2.4x the teacher work of the authors' calls of all unfinished items; now a call holds the pool."""
+    teacher, diffusion = teacher_and_diffusion
+    sizes = []
+    forward = teacher.forward
+
+    def recording(x, t, **kwargs):
+        sizes.append(x.shape[0])
+        return forward(x, t, **kwargs)
+
+    teacher.forward = recording
+    try:
+        pool = make_pool(teacher_and_diffusion)
+        pool.teacher_batch_size = 1000
+        pool.prepare(progress=False, pad_to_full=True)
+    finally:
+        del teacher.forward
+    assert set(sizes) == {pool.size} and pool.size < 1000
+    ends = balanced_end_steps(pool.size, 1, diffusion.num_timesteps, seed=0)[0]
+    assert torch.equal(pool.total_t, ends)

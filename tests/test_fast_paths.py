@@ -154,7 +154,7 @@ def test_cuda_graph_wrappers_pass_cpu_calls_through():
     trained = GraphedTraining(model.train(), name="test")
     assert torch.equal(trained(x, t), model(x, t)) and trained.graphed is None
     assert fast_trained(model, FastPath(cuda_graphs=True), graphs_allowed=True) is model  # no CUDA here
-    assert fast_frozen(model, FastPath(cuda_graphs=True), static_shapes=True, name="t") is model
+    assert fast_frozen(model, FastPath(cuda_graphs=True), name="t") is model
 
 
 def _kd_loop(tmp_path) -> KDTrainLoop:

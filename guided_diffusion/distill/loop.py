@@ -90,9 +90,9 @@ class KDTrainLoop(TrainLoop):
         super().__init__(data=_PoolRNG(dynamic_batch), **kwargs)
         if dynamic_batch.total_t is None:
             dynamic_batch.setup(tempfile)
-        # after any preparation (shrinking chunks): the draws call the teacher at one batch size
+        # after any in-process preparation (eager): the draws call the teacher at one batch size
         dynamic_batch.teacher = fast_frozen(
-            dynamic_batch.teacher, self.fast, static_shapes=True, name="teacher UNet"
+            dynamic_batch.teacher, self.fast, name="teacher UNet"
         )
 
     # ----------------------------------------------------------------------------------------- hooks

@@ -148,21 +148,20 @@ def fast_trained(model: Callable, fast: FastPath, *, graphs_allowed: bool, name:
     return model
 
 
-def fast_frozen(model: torch.nn.Module, fast: FastPath, *, static_shapes: bool, name: str) -> Callable:
-    """A frozen network (teacher, sampler) on the fast path. With `compile`: compiled with an eager fallback,
-    plus CUDA graphs (mode reduce-overhead, outputs cloned) when `static_shapes` (one batch size per call
-    site: pool draws, sampling); otherwise (pool preparation, whose last chunk shrinks) the batch may turn
-    dynamic. With `cuda_graphs` only: GraphedInference, which graphs the repeated shapes and runs one-off
-    shapes eagerly. Neither: `model` itself. `half_norm` is only ever switched on here, so sampling a
-    training student with default switches leaves its GroupNorm mode alone."""
+def fast_frozen(model: torch.nn.Module, fast: FastPath, *, name: str) -> Callable:
+    """A frozen network (teacher, sampler) on the fast path; every call site gives it one batch size (pool
+    draws, sampling, and the pool preparation, whose calls are padded to full size). With `compile`:
+    compiled for static shapes with an eager fallback, plus CUDA graphs (mode reduce-overhead, outputs
+    cloned) on CUDA. With `cuda_graphs` only: GraphedInference, which graphs the repeated shapes and runs
+    one-off shapes eagerly. Neither: `model` itself. `half_norm` is only ever switched on here, so sampling
+    a training student with default switches leaves its GroupNorm mode alone."""
     if fast.half_norm:
         use_half_norm(model)
     cuda = _device_of(model).type == "cuda"
     if fast.compile and _compiles_here(model):
-        graphs = static_shapes and cuda and compile_backend() == "inductor"
-        return maybe_compile(model, True, mode="reduce-overhead" if graphs else "default",
-                             dynamic=False if static_shapes else None, clone_outputs=graphs, name=name,
-                             backend=compile_backend())
+        graphs = cuda and compile_backend() == "inductor"
+        return maybe_compile(model, True, mode="reduce-overhead" if graphs else "default", dynamic=False,
+                             clone_outputs=graphs, name=name, backend=compile_backend())
     if fast.cuda_graphs and cuda:
         return GraphedInference(model, name=name)
     return model

@@ -227,8 +227,9 @@ class DynamicBatch:
         Every teacher call takes the first `teacher_batch_size` unfinished items, each at its own timestep
         (as the authors' `manage_denoise_fn`), so calls stay full-size until the last items; with
         `pad_to_full` (default: on CUDA, where one shape serves one compiled graph) the tail calls are padded
-        to full size with repeats whose results are dropped. Each item still ends exactly at its end step.
-        The iterative mode starts all B items at fresh noise instead.
+        to full size (the teacher batch, or the whole pool when it is smaller) with repeats whose results are
+        dropped. Each item still ends exactly at its end step. The iterative mode starts all B items at fresh
+        noise instead.
         """
         self._allocate(self.size)
         self.total_t.fill_(self.T)
@@ -238,6 +239,7 @@ class DynamicBatch:
         if self.iter_choice == ITERATIVE:
             return
         pad = self.device.type == "cuda" if pad_to_full is None else pad_to_full
+        full = min(self.teacher_batch_size, self.size)  # a pool smaller than one call is one call, not padded
         ends = balanced_end_steps(self.size, self.world_size, self.T, self.seed)[self.rank]
         steps = self.total_t.clone()
         bar = tqdm(total=int((self.T - ends).sum()), desc="dynamic batch",
@@ -248,8 +250,8 @@ class DynamicBatch:
                 break
             idx = unfinished[: self.teacher_batch_size]
             n = idx.numel()
-            if pad and n < self.teacher_batch_size:
-                idx = idx[torch.arange(self.teacher_batch_size) % n]
+            if pad and n < full:
+                idx = idx[torch.arange(full) % n]
             x = self.total_x[self._to(idx, self.pool_device)].to(self.device, non_blocking=True)
             t = steps[idx] - 1
             x_tm1, _ = self.teacher_step(x, self._to(t, self.device))
