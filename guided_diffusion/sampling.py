@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from . import dist_util, logger
 from .infra.checkpoint import atomic_write_bytes
@@ -71,13 +72,21 @@ def sample_images_and_labels(
     loop: Callable = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     was_training = model.training
     model.eval()
-    net = fast_frozen(model, fast or FastPath(), static_shapes=True, name="sampling UNet")
+    frozen = fast_frozen(model, fast or FastPath(), name="sampling UNet")
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     collected = 0
     round_index = 0
     rounds = math.ceil(num_samples / (batch_size * world))
     cuda_devices = [device] if device.type == "cuda" else []
+    bar = tqdm(total=rounds * diffusion.num_timesteps, desc="sample", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+
+    def net(*args, **kwargs):  # one denoising step per call: the bar counts steps over all rounds
+        out = frozen(*args, **kwargs)
+        bar.update(1)
+        return out
+
     try:
         while collected < num_samples:
             n = min(batch_size, math.ceil((num_samples - collected) / world))
@@ -101,6 +110,7 @@ def sample_images_and_labels(
             if progress and rank == 0:
                 logger.log(f"sampled round {round_index}/{rounds}: {min(collected, num_samples)} images")
     finally:
+        bar.close()
         model.train(was_training)
     if rank != 0:
         return None

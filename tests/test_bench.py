@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,46 @@ def test_profile_step_writes_a_table_per_mode(repo_root, tmp_path):
     text = out.read_text()
     assert text.count("## train14 ") == 2 and "## train14 optimized" in text and "## train14 baseline" in text
     assert text.count("Self CPU time total") == 2 and "wall per iteration" in text
+
+
+def test_end_to_end_times_prepare_and_kd_through_the_scripts(repo_root, tmp_path):
+    """benchmarks/end_to_end.py on the tiny KD config: both scripts run, each bar is timed and complete; a
+    time-limited preparation is stopped; an unfinished bar is extrapolated from its steady rate."""
+    out = tmp_path / "e2e"
+    script = str(repo_root / "benchmarks" / "end_to_end.py")
+    cmd = [sys.executable, script, "--config", "tests/configs/tiny_kd.yaml", "--set",
+           "student.log_interval=2", "--kd-steps", "4", "--out", str(out), "--train-config",
+           "tests/configs/tiny_baseline.yaml", "--train-steps", "3", "--sample-config",
+           "tests/configs/tiny_baseline.yaml", "--sample-num", "6", "--sample-batch", "4",
+           "--sample-respacing", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stages = json.loads((out / "end_to_end.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["dynamic_prepare", "image_kd", "image_train", "image_sample"]
+    prepare, kd, train, sample = stages
+    assert prepare["exit"] == 0 and kd["exit"] == 0 and not prepare["stopped_at_limit"]
+    assert prepare["bar"] == "dynamic batch" and prepare["done"] == prepare["total"] > 0
+    assert kd["bar"] == "train" and kd["done"] == kd["total"] == 4
+    assert train["bar"] == "train" and train["done"] == train["total"] == 3
+    assert sample["bar"] == "sample" and sample["done"] == sample["total"] == 10  # 2 rounds of 5 steps
+    for stage in stages:
+        assert 0 < stage["first_update_s"] <= stage["wall_s"]
+    assert (out / "kd0" / "progress.csv").is_file()
+
+    limited = tmp_path / "limited"
+    cmd = [sys.executable, script, "--config", "tests/configs/tiny_kd.yaml", "--set", "teacher.BATCH=20",
+           "--kd-steps", "0", "--prepare-limit", "0.001", "--out", str(limited)]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (stage,) = json.loads((limited / "end_to_end.json").read_text())["stages"]
+    assert stage["stopped_at_limit"] and stage["exit"] != 0
+
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    from end_to_end import summarize
+
+    updates = [(10.0, "dynamic batch", 100, 1000), (12.0, "dynamic batch", 300, 1000),
+               (14.0, "dynamic batch", 500, 1000), (1.0, "other", 1, 2)]
+    result = summarize("dynamic_prepare", updates, wall=15.0, rc=-15, stopped=True, cmd=["x"])
+    assert result["bar"] == "dynamic batch" and result["first_update_s"] == 10.0
+    assert result["steady_per_s"] == 100.0 and result["extrapolated_wall_s"] == 19.0

@@ -274,7 +274,8 @@ ABORT_AT_TEARDOWN = textwrap.dedent(
 @pytest.mark.mpi
 def test_finished_run_exits_zero_whatever_teardown_does(kd_files, tmp_path):
     """Issue 19: finished 2-rank runs exited with code 6 (SIGABRT, "terminate called without an active
-    exception") from the interpreter's teardown; the scripts now end with status 0 once their work is saved."""
+    exception") from the interpreter's teardown; the scripts now end with status 0 once their work is
+    saved."""
     _, config = kd_files
     raw = OmegaConf.load(config)
     raw.teacher.tempfile = str(tmp_path / "pool.cache")
@@ -282,8 +283,9 @@ def test_finished_run_exits_zero_whatever_teardown_does(kd_files, tmp_path):
     wrapper = tmp_path / "abort_at_teardown.py"
     wrapper.write_text(ABORT_AT_TEARDOWN)
     run = tmp_path / "run"
-    proc = _run(str(wrapper), ["--config", str(tmp_path / "kd.yaml"), "--exp_dir", str(run), "--max_steps", "2",
-                                "--save_interval", "2"], mpi=2, timeout=300)
+    args = ["--config", str(tmp_path / "kd.yaml"), "--exp_dir", str(run), "--max_steps", "2",
+            "--save_interval", "2"]
+    proc = _run(str(wrapper), args, mpi=2, timeout=300)
     assert "distillation done" in proc.stdout
     assert (run / "model000002.pt").is_file()
 
