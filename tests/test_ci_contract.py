@@ -108,6 +108,7 @@ _LOCAL = {
     "tests",
     "script_env",
     "bench_throughput",
+    "end_to_end",
 }
 
 
