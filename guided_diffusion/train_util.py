@@ -200,16 +200,22 @@ class TrainLoop:
         self.opt = make_optimizer(self.mp_trainer.params, lr, weight_decay)
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = [[p.detach().clone() for p in self.model_params] for _ in self.ema_rate]
-        self._extra_grads_to_sync = extra if self.world_size > 1 else []
-        if self.world_size > 1:
+        single_backward = self.microbatch >= batch_size
+        # Several ranks, one backward per step, graphs on CUDA: the student is graphed as in one process and
+        # its gradients are averaged in one all-reduce after the backward, instead of DDP's hooks inside it.
+        graphed_ranks = (self.world_size > 1 and single_backward and self.fast.cuda_graphs
+                         and self.device.type == "cuda")
+        synced_here = extra + (self.model_params if graphed_ranks else [])
+        self._grads_to_sync = synced_here if self.world_size > 1 else []
+        if self.world_size > 1 and not graphed_ranks:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(
                 model, device_ids=ids, output_device=ids[0] if ids else None, broadcast_buffers=False,
             )
         else:
             self.ddp_model = model
-        single_backward = self.world_size == 1 and self.microbatch >= batch_size
-        self.ddp_model = fast_trained(self.ddp_model, self.fast, graphs_allowed=single_backward)
+        graphs_allowed = single_backward and (self.world_size == 1 or graphed_ranks)
+        self.ddp_model = fast_trained(self.ddp_model, self.fast, graphs_allowed=graphs_allowed)
         if resume_checkpoint:
             self._resume(resume_checkpoint)
         self._acc: dict[str, list[torch.Tensor]] = {}
@@ -296,7 +302,7 @@ class TrainLoop:
         """One optimizer step on `batch`: forward/backward over microbatches, optimize, EMA, step += 1."""
         self.forward_backward(batch, cond)
         self._set_lr()
-        self._sync_extra_grads()
+        self._sync_grads()
         self.mp_trainer.optimize(self.opt)
         self._update_ema()
         self._acc_add("grad_norm", self.mp_trainer.grad_norm)
@@ -330,8 +336,9 @@ class TrainLoop:
             return self.lr * 0.5 * (1 + math.cos(math.pi * min(self.step, self.max_steps) / self.max_steps))
         return self.lr
 
-    def _sync_extra_grads(self) -> None:
-        grads = [p.grad for p in self._extra_grads_to_sync if p.grad is not None]
+    def _sync_grads(self) -> None:
+        """Average over ranks the gradients DDP does not reduce (extra modules; the graphed student's)."""
+        grads = [p.grad for p in self._grads_to_sync if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
