@@ -102,3 +102,38 @@ def test_end_to_end_times_prepare_and_kd_through_the_scripts(repo_root, tmp_path
     result = summarize("dynamic_prepare", updates, wall=15.0, rc=-15, stopped=True, cmd=["x"])
     assert result["bar"] == "dynamic batch" and result["first_update_s"] == 10.0
     assert result["steady_per_s"] == 100.0 and result["extrapolated_wall_s"] == 19.0
+
+
+def test_student_eps_error_splits_exactly_and_is_zero_for_the_teacher_itself(repo_root, tmp_path):
+    """benchmarks/student_eps_error.py: grey + colour cast + colour detail add up to the total at every
+    timestep, a student that is the teacher has no error, and a student with another init has some."""
+    import torch
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    sys.path.insert(0, str(repo_root / "tests"))
+    from script_env import write_tiny_checkpoints
+    from student_eps_error import main as eps_error
+
+    from guided_diffusion.distill.dkdm.cache import save_cache
+
+    paths = write_tiny_checkpoints(tmp_path)
+    raw = OmegaConf.load(repo_root / "tests" / "configs" / "tiny_kd.yaml")
+    raw.teacher.model_path, raw.teacher.tempfile = str(paths["teacher"]), str(tmp_path / "pool.cache")
+    raw.student.model = raw.teacher.model  # a student of the teacher's arch
+    OmegaConf.save(raw, tmp_path / "kd.yaml")
+    steps = torch.arange(1, 9).repeat(3)
+    states = torch.randn(len(steps), 3, 16, 16).clamp(-3, 3)
+    save_cache(tmp_path / "pool.cache", steps.numpy(), states.numpy())
+    base = ["--config", str(tmp_path / "kd.yaml"), "--pool", str(tmp_path / "pool.cache")]
+    same = eps_error([*base, "--student", str(paths["teacher"])])
+    assert [r["t"] for r in same] == list(range(8)) and all(r["n"] == 3 for r in same)
+    assert all(r["total"] < 1e-10 for r in same)
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    model = torch.load(paths["teacher"], weights_only=True)
+    torch.save({k: v + 0.05 * torch.randn_like(v) for k, v in model.items()}, other)
+    rows = eps_error([*base, "--student", str(other)])
+    for r in rows:
+        assert r["total"] > 0
+        assert abs(r["grey"] + r["colour_cast"] + r["colour_detail"] - r["total"]) <= 1e-6 * r["total"]

@@ -109,6 +109,7 @@ _LOCAL = {
     "script_env",
     "bench_throughput",
     "end_to_end",
+    "student_eps_error",
 }
 
 
