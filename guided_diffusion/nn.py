@@ -43,6 +43,22 @@ def use_half_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+def set_norm_groups(model: nn.Module, groups: int) -> nn.Module:
+    """Give every GroupNorm32 of `model` `groups` groups instead of ADM's 32 (the arch key `norm_groups`).
+
+    With as many groups as channels (ADM's 32 on a 32-channel level) GroupNorm is an instance norm: it removes
+    each channel's spatial mean, which is how a colour cast reaches the net (docs/RESULTS.md). Weights and
+    their shapes are unchanged; only what the layer computes differs.
+    """
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+    bad = sorted({m.num_channels for m in norms if m.num_channels % groups})
+    if groups < 1 or bad:
+        raise ValueError(f"norm_groups {groups} must be >= 1 and divide every normalized width; {bad} do not")
+    for module in norms:
+        module.num_groups = groups
+    return model
+
+
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     """Create a 1D, 2D or 3D convolution."""
     if dims not in _CONV:

@@ -113,7 +113,7 @@ def build_model_and_diffusion(
 # Settings that change what a UNet computes or how its output is read without changing any weight's shape.
 SHAPE_BLIND_KEYS = (
     "use_new_attention_order", "num_heads", "num_head_channels", "num_heads_upsample", "noise_schedule",
-    "diffusion_steps", "predict_xstart", "rescale_learned_sigmas", "rescale_timesteps",
+    "diffusion_steps", "predict_xstart", "rescale_learned_sigmas", "rescale_timesteps", "norm_groups",
 )
 
 

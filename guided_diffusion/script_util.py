@@ -54,6 +54,7 @@ def model_and_diffusion_defaults() -> dict[str, Any]:
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        norm_groups=32,  # ours: GroupNorm groups (ADM's 32); fewer keep colour offsets at narrow levels
     )
     res.update(diffusion_defaults())
     return res
@@ -84,6 +85,7 @@ def create_model_and_diffusion(
     resblock_updown: bool,
     use_fp16: bool,
     use_new_attention_order: bool,
+    norm_groups: int = 32,
 ) -> tuple[UNetModel, SpacedDiffusion]:
     """Build (UNetModel, SpacedDiffusion); takes exactly the keys of `model_and_diffusion_defaults()`."""
     model = create_model(
@@ -103,6 +105,7 @@ def create_model_and_diffusion(
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
+        norm_groups=norm_groups,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -185,11 +188,13 @@ def create_model(
     resblock_updown: bool = False,
     use_fp16: bool = False,
     use_new_attention_order: bool = False,
+    norm_groups: int = 32,
 ) -> UNetModel:
     """Build the ADM `UNetModel` for RGB images from script-level (string) arguments."""
+    from .nn import set_norm_groups
     from .unet import UNetModel
 
-    return UNetModel(
+    model = UNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=num_channels,
@@ -208,6 +213,7 @@ def create_model(
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
     )
+    return set_norm_groups(model, norm_groups) if norm_groups != 32 else model
 
 
 def create_gaussian_diffusion(

@@ -300,3 +300,35 @@ def test_forward_cost_counts_layers_and_attention():
         assert cost["flops"] == 2 * cost["macs"] + cost["attention_flops"]
         costs[attention] = (blocks, cost)
     assert costs["8"][0] > costs[""][0] == 1 and costs["8"][1]["flops"] > costs[""][1]["flops"]
+
+
+def test_norm_groups_changes_what_groupnorm_computes_but_no_weight():
+    """`norm_groups` (ours; ADM's 32 by default): fewer groups, the same state-dict keys and shapes, another
+    output; a count that does not divide every normalized width is refused naming the key."""
+    torch.manual_seed(0)
+    adm = randomize(create_model(**model_kwargs(**TINY)))
+    fewer = create_model(**model_kwargs(**TINY, norm_groups=8))
+    assert {m.num_groups for m in adm.modules() if isinstance(m, GroupNorm32)} == {32}
+    assert {m.num_groups for m in fewer.modules() if isinstance(m, GroupNorm32)} == {8}
+    fewer.load_state_dict(adm.state_dict())  # strict: same keys and shapes
+    x, t = torch.randn(2, 3, TINY["image_size"], TINY["image_size"]), torch.tensor([3, 7])
+    with torch.no_grad():
+        assert not torch.allclose(adm(x, t), fewer(x, t))
+    with pytest.raises(ValueError, match="norm_groups 7"):
+        create_model(**model_kwargs(**TINY, norm_groups=7))
+    assert model_and_diffusion_defaults()["norm_groups"] == 32
+
+
+def test_norm_groups_is_checked_at_load_and_against_the_trained_setting(tmp_path):
+    from guided_diffusion.config import ConfigError, load_config
+    from guided_diffusion.run_setup import recorded_setting_differences
+
+    arch = tmp_path / "arch.yaml"
+    arch.write_text(yaml.safe_dump({**TINY, "norm_groups": 7}))
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": str(arch), "diffusion": "tests/configs/tiny_diffusion.yaml"}))
+    with pytest.raises(ConfigError, match="norm_groups 7"):
+        load_config(config)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"norm_groups": 8}))
+    differences = recorded_setting_differences(str(tmp_path / "model.pt"), {"norm_groups": 32})
+    assert differences == ["norm_groups: trained 8, now 32"]
