@@ -43,22 +43,6 @@ def use_half_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def set_norm_groups(model: nn.Module, groups: int) -> nn.Module:
-    """Give every GroupNorm32 of `model` `groups` groups instead of ADM's 32 (the arch key `norm_groups`).
-
-    With as many groups as channels (ADM's 32 on a 32-channel level) GroupNorm is an instance norm: it removes
-    each channel's spatial mean, which is how a colour cast reaches the net (docs/RESULTS.md). Weights and
-    their shapes are unchanged; only what the layer computes differs.
-    """
-    norms = [m for m in model.modules() if isinstance(m, GroupNorm32)]
-    bad = sorted({m.num_channels for m in norms if m.num_channels % groups})
-    if groups < 1 or bad:
-        raise ValueError(f"norm_groups {groups} must be >= 1 and divide every normalized width; {bad} do not")
-    for module in norms:
-        module.num_groups = groups
-    return model
-
-
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     """Create a 1D, 2D or 3D convolution."""
     if dims not in _CONV:
@@ -78,9 +62,13 @@ def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     return _AVG_POOL[dims](*args, **kwargs)
 
 
-def normalization(channels: int) -> GroupNorm32:
-    """The UNet's standard normalization: 32-group GroupNorm computed in float32."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, groups: int = 32) -> GroupNorm32:
+    """The UNet's normalization: GroupNorm with float32 statistics, ADM's 32 groups unless the arch key
+    `norm_groups` says otherwise. With as many groups as channels it is an instance norm, which removes each
+    channel's spatial mean: how a colour offset reaches a narrow net (docs/RESULTS.md)."""
+    if groups < 1 or channels % groups:
+        raise ValueError(f"norm_groups {groups} must be >= 1 and divide the normalized width {channels}")
+    return GroupNorm32(groups, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -191,10 +191,9 @@ def create_model(
     norm_groups: int = 32,
 ) -> UNetModel:
     """Build the ADM `UNetModel` for RGB images from script-level (string) arguments."""
-    from .nn import set_norm_groups
     from .unet import UNetModel
 
-    model = UNetModel(
+    return UNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=num_channels,
@@ -212,8 +211,8 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        norm_groups=norm_groups,
     )
-    return set_norm_groups(model, norm_groups) if norm_groups != 32 else model
 
 
 def create_gaussian_diffusion(

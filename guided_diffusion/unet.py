@@ -87,6 +87,7 @@ class ResBlock(TimestepBlock):
         use_checkpoint: bool = False,
         up: bool = False,
         down: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         self.channels = channels
@@ -95,7 +96,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
 
         self.in_layers = nn.Sequential(
-            normalization(channels),
+            normalization(channels, norm_groups),
             nn.SiLU(),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
@@ -112,7 +113,7 @@ class ResBlock(TimestepBlock):
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            normalization(self.out_channels, norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
@@ -184,6 +185,7 @@ class AttentionBlock(nn.Module):
         num_head_channels: int = -1,
         use_checkpoint: bool = False,
         use_new_attention_order: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         self.channels = channels
@@ -196,7 +198,7 @@ class AttentionBlock(nn.Module):
         if channels % self.num_heads:
             raise ValueError(f"channels {channels} not divisible by num_heads {self.num_heads}")
         self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.attention = QKVAttention(self.num_heads, legacy=not use_new_attention_order)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
@@ -241,6 +243,7 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -279,6 +282,7 @@ class UNetModel(nn.Module):
                 dims=dims,
                 use_checkpoint=use_checkpoint,
                 use_scale_shift_norm=use_scale_shift_norm,
+                norm_groups=norm_groups,
                 **updown,
             )
 
@@ -289,6 +293,7 @@ class UNetModel(nn.Module):
                 num_head_channels=num_head_channels,
                 use_checkpoint=use_checkpoint,
                 use_new_attention_order=use_new_attention_order,
+                norm_groups=norm_groups,
             )
 
         ch = input_ch = int(self.channel_mult[0] * model_channels)
@@ -345,7 +350,7 @@ class UNetModel(nn.Module):
             up_chans.append(ch)
 
         self.out = nn.Sequential(
-            normalization(ch),
+            normalization(ch, norm_groups),
             nn.SiLU(),
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
