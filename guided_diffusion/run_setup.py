@@ -155,10 +155,11 @@ def load_model_weights(model: torch.nn.Module, path: str, section: Mapping[str, 
 
 
 def run_script(main: Callable[[], Any]) -> NoReturn:
-    """Run a script's `main`, leave the process group, flush the logs and end the process with status 0 at
-    once. Exiting through the interpreter's teardown instead runs the communication libraries' static
-    destructors, where a rare "terminate called without an active exception" turned finished multi-rank runs
-    into exit code 6 (SIGABRT), which a job scheduler reads as a failure. Errors still raise as usual."""
+    """Run a script's `main`, then end the process: wait for every rank, leave the process group, flush the
+    logs and exit with status 0 at once (the scripts' `main`s leave this ending to it). Exiting through the
+    interpreter's teardown instead runs the communication libraries' static destructors, where a rare
+    "terminate called without an active exception" turned finished multi-rank runs into exit code 6
+    (SIGABRT), which a job scheduler reads as a failure. Errors still raise as usual."""
     main()
     dist_util.cleanup()
     logger.reset()

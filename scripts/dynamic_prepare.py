@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     pool.teacher = fast_frozen(teacher, FastPath.from_section(cfg.student), name="teacher UNet")
     logger.log(f"preparing {pool.size} items per rank x {pool.world_size} rank(s) -> {path}")
     pool.prepare_and_save(path)
-    dist_util.cleanup()
 
 
 if __name__ == "__main__":

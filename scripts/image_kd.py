@@ -13,7 +13,7 @@ own dir, so the counter is only logged. Progressive distillation (`step_distill:
 
 from __future__ import annotations
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
 from guided_diffusion.distill.dkdm.setup import KDSetupError
 from guided_diffusion.distill.run import build_run, check_kd_config
@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> None:
         logger.log(f"resume {args.resume_step} of this config (--resume_step)")
     build_run(cfg, run_dir, classifier_path=args.classifier_path or "").run_loop()
     logger.log(f"distillation done; checkpoints in {run_dir}")
-    dist_util.cleanup()
 
 
 if __name__ == "__main__":

@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> None:
         save_grid(arr, os.path.join(out_dir, "samples_grid.png"))
         logger.log(f"saved {len(arr)} samples to {path}")
         print(path, flush=True)
-    dist_util.barrier()
-    dist_util.cleanup()
 
 
 if __name__ == "__main__":

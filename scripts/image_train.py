@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> None:
         **loop_kwargs(section, diffusion, run_dir),
     ).run_loop()
     logger.log(f"training done; checkpoints in {run_dir}")
-    dist_util.cleanup()
 
 
 if __name__ == "__main__":

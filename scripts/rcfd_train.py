@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import logger
 from guided_diffusion.distill.rcfd_run import CKPT_FILE, STATE_FILE, StageTrainer, parse_flags
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.run_setup import claim_and_configure, join_process_group, run_script
@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     StageTrainer(flags, flags["logdir"], data, resume=args.resume).run()
     logger.log(f"done; {flags['logdir']}/ckpt.pt")
-    dist_util.cleanup()
 
 
 if __name__ == "__main__":

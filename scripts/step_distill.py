@@ -10,7 +10,7 @@ halving chain. Runs go to experiments/step_distill/<config stem>-<time> unless -
 
 from __future__ import annotations
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
 from guided_diffusion.distill.dkdm.setup import KDSetupError
 from guided_diffusion.distill.progressive import add_step_distill_arguments, apply_stage_overrides
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {args.config}: {exc}") from None
     loop.run_loop()
     logger.log(f"step distillation done; checkpoints in {run_dir}")
-    dist_util.cleanup()
 
 
 if __name__ == "__main__":
