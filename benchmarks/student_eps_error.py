@@ -24,18 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion.config import load_config, model_and_diffusion_kwargs  # noqa: E402
+from guided_diffusion.config import load_config  # noqa: E402
 from guided_diffusion.distill.dkdm.cache import load_cache  # noqa: E402
-from guided_diffusion.infra.checkpoint import safe_torch_load  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
+from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
 
 PARTS = ("total", "grey", "colour_cast", "colour_detail")
 
 
 def load_net(section: Any, path: str) -> tuple[torch.nn.Module, Any]:
-    """The UNet and diffusion of a config section with the weights of `path`, in eval mode."""
-    model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(section))
-    model.load_state_dict(safe_torch_load(path, map_location="cpu"))
+    """The UNet and diffusion of a config section with the weights of `path` (loaded as the scripts load
+    them: strictly, refusing settings the run recorded otherwise), in eval mode."""
+    model, diffusion = build_model_and_diffusion(section, "cpu")
+    load_model_weights(model, path, section)
     return model.eval(), diffusion
 
 
@@ -43,8 +43,7 @@ def predicted_eps(model: torch.nn.Module, diffusion: Any, x: torch.Tensor, t: to
     """The eps implied by the net's unclipped x0 at (x_t, t)."""
     with torch.no_grad():
         x0 = diffusion.p_mean_variance(model, x, t, clip_denoised=False)["pred_xstart"]
-    alpha_bar = torch.from_numpy(diffusion.alphas_cumprod).float()[t].view(-1, 1, 1, 1)
-    return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    return diffusion._predict_eps_from_xstart(x, t, x0)
 
 
 def split_error(err: torch.Tensor) -> dict[str, float]:
