@@ -111,7 +111,7 @@ def run_stage(name: str, cmd: list[str], limit: float, log_path: Path) -> dict[s
         def pump() -> None:
             buf = b""
             while True:
-                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(1)
+                chunk = proc.stdout.read1(65536)
                 if not chunk:
                     break
                 log.write(chunk)
