@@ -62,6 +62,26 @@ def test_graphed_inference_matches_eager_and_records_repeated_shapes():
     assert len(graphed.graphs) == 1 and not graphed.failed
 
 
+def test_graphed_inference_outlives_the_autocast_region_it_was_recorded_in():
+    """Sampling opens one autocast region per round, and a loaded checkpoint's weights require grad, so
+    autocast caches their half copies. A graph recorded from that cache read freed memory in the next
+    round: bf16 sampling on the H200 returned black images from its second round on."""
+    model = _model(0).eval()
+    graphed = GraphedInference(model, name="test")
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    t = torch.randint(0, 50, (8,), device="cuda")
+    for _round in range(3):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(3):
+                out = graphed(x, t)
+            expected = model(x, t)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        # blocks of the freed half copies' sizes, filled with NaN: what a read of freed memory would see
+        junk = [torch.full_like(p, float("nan"), dtype=torch.bfloat16) for p in model.parameters()]
+        del junk
+    assert len(graphed.graphs) == 1 and not graphed.failed
+
+
 def _train(fast: FastPath, steps: int = 4, batch: int = 8) -> tuple[list[float], list[torch.Tensor]]:
     model = _model(1)
     loop = TrainLoop(model=model, diffusion=_diffusion(), data=iter(()), batch_size=batch, microbatch=-1,

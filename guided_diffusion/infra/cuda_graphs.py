@@ -11,6 +11,8 @@ warning and turns the wrapper into a plain pass-through.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -48,6 +50,20 @@ def _graphable_args(x: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, 
     if not all(isinstance(t, torch.Tensor) and t.is_cuda and t.device == x.device for t in tensors):
         return None
     return tensors, names
+
+
+@contextlib.contextmanager
+def _no_autocast_cache() -> Iterator[None]:
+    """Autocast's cache of half-precision weight copies off while a graph is recorded. A graph recorded with
+    the cache on reads the cached copies instead of casting, and the cache is freed when the caller's
+    autocast region ends: later replays then read freed memory (half-precision sampling on a GPU returned
+    black images from its second round on)."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 class _Recorded(NamedTuple):
@@ -98,16 +114,17 @@ class GraphedInference:
         static = tuple(t.clone() for t in tensors)
         kwargs = dict(zip(names, static[2:], strict=True))
         try:
-            side = torch.cuda.Stream(device=static[0].device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # capture needs the lazy initialisations done off the capture
-                self.module(static[0], static[1], **kwargs)
-            torch.cuda.current_stream().wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = self.module(static[0], static[1], **kwargs)
+            with _no_autocast_cache():
+                side = torch.cuda.Stream(device=static[0].device)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # capture needs the lazy initialisations done off the capture
+                    self.module(static[0], static[1], **kwargs)
+                torch.cuda.current_stream().wait_stream(side)
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    output = self.module(static[0], static[1], **kwargs)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"expected a tensor output, got {type(output).__name__}")
         except Exception as exc:
@@ -143,8 +160,8 @@ class GraphedTraining:
 
     Serves calls with the recorded signature (batch shape, dtypes, autocast mode, grad enabled, module in
     training mode, no keyword arguments); everything else (TCCD's no-grad trajectory steps, RDD's feature
-    calls, another batch size) runs the module eagerly. The autocast region around the calls must have
-    `cache_enabled=False` (MixedPrecisionTrainer does), or stale weight casts would be recorded. Gradients
+    calls, another batch size) runs the module eagerly. The recording runs with autocast's weight-cast cache
+    off, so the graph casts the weights it reads, which optimizer steps change in place. Gradients
     come back in buffers the next replay reuses, so use it with one backward per optimizer step (no
     microbatch accumulation); the training loop only wraps the student then.
     """
@@ -177,9 +194,10 @@ class GraphedTraining:
         if quiet is not None:
             quiet(False)
         try:
-            self.graphed = torch.cuda.make_graphed_callables(
-                _Forward(self.module), sample, num_warmup_iters=3, allow_unused_input=True
-            )
+            with _no_autocast_cache():
+                self.graphed = torch.cuda.make_graphed_callables(
+                    _Forward(self.module), sample, num_warmup_iters=3, allow_unused_input=True
+                )
         except Exception as exc:
             self.failed = True
             self.graphed = None
