@@ -71,6 +71,14 @@ def normalization(channels: int, groups: int = 32) -> GroupNorm32:
     return GroupNorm32(groups, channels)
 
 
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on `x`'s device. guided-diffusion's fp16 mode halves only the convolutions of the UNet's
+    blocks; the time embedding, the blocks' embedding projections and the output head stay float32. Under
+    autocast the UNet keeps those three in float32 with this: a half-precision output head rounds eps, and
+    near t = T the step amplifies that rounding into each sample (docs/RESULTS.md, bf16 sampling)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero all parameters of `module` in place and return it (residual branches start as identity)."""
     for p in module.parameters():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .nn import avg_pool_nd, conv_nd, linear, normalization, timestep_embedding, zero_module
+from .nn import avg_pool_nd, conv_nd, full_precision, linear, normalization, timestep_embedding, zero_module
 
 
 class TimestepBlock(nn.Module):
@@ -138,7 +138,8 @@ class ResBlock(TimestepBlock):
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).to(h.dtype)
+        with full_precision(emb):
+            emb_out = self.emb_layers(emb.float()).to(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
@@ -390,7 +391,8 @@ class UNetModel(nn.Module):
         """
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass y (class labels) if and only if the model is class-conditional")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        with full_precision(x):
+            emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if y is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
@@ -411,7 +413,8 @@ class UNetModel(nn.Module):
             h = module(torch.cat([h, skips.pop()], dim=1), emb)
             if i in self._up_idx:
                 ups.append(h)
-        out = self.out(h.to(x.dtype))
+        with full_precision(h):
+            out = self.out(h.float())
         if not return_features:
             return out
         return out, {"emb": emb, "down": downs, "middle": middle, "up": ups}
