@@ -74,8 +74,8 @@ def normalization(channels: int, groups: int = 32) -> GroupNorm32:
 def full_precision(x: torch.Tensor) -> torch.autocast:
     """Autocast off on `x`'s device. guided-diffusion's fp16 mode halves only the convolutions of the UNet's
     blocks; the time embedding, the blocks' embedding projections and the output head stay float32. Under
-    autocast the UNet keeps those three in float32 with this: a half-precision output head rounds eps, and
-    near t = T the step amplifies that rounding into each sample (docs/RESULTS.md, bf16 sampling)."""
+    autocast the UNet keeps those three in float32 with this, which took CPU bf16 samples of the digits
+    student 2.5x closer to fp32 ones (docs/RESULTS.md)."""
     return torch.autocast(x.device.type, enabled=False)
 
 
