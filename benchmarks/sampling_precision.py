@@ -4,15 +4,14 @@ Half-precision sampling is normally CUDA-only (`image_sample.py --precision`); t
 autocast on the CPU, so the effect of half-precision arithmetic on a sampler can be measured without a GPU.
 
     python benchmarks/sampling_precision.py --config RUN/kd.yaml --model_path RUN/kd/ema_0.995_001000.pt \
-        --timestep_respacing 100 --precision bf16 --device cpu --num_samples 1000 --out bf16.npz
-    python evaluations/evaluator.py --features digits experiments/data/digits/digits16_ref.npz bf16.npz
+        --timestep_respacing 100 --precision bf16 --device cpu --num_samples 1000 --output_dir bf16
+    python evaluations/evaluator.py --features digits experiments/data/digits/digits16_ref.npz \
+        bf16/samples_1000x16x16x3.npz
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from guided_diffusion.config import load_config, primary_section  # noqa: E402
-from guided_diffusion.infra.checkpoint import atomic_write_bytes  # noqa: E402
-from guided_diffusion.infra.mixed_precision import AUTOCAST_DTYPES  # noqa: E402
+from guided_diffusion.infra.mixed_precision import autocast_context  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
-from guided_diffusion.sampling import sample_images  # noqa: E402
+from guided_diffusion.sampling import sample_images, save_samples  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Sample and save; returns the path of the samples file."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the run's YAML (a KD run's student section is used)")
     p.add_argument("--model_path", required=True)
@@ -41,8 +39,8 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="samples .npz (ADM layout, arr_0 uint8 NHWC)")
-    args = p.parse_args()
+    p.add_argument("--output_dir", required=True, help="gets samples_<N>x<H>x<W>x3.npz, as image_sample.py")
+    args = p.parse_args(argv)
 
     section = primary_section(load_config(args.config))
     if args.timestep_respacing is not None:
@@ -51,14 +49,9 @@ def main() -> None:
     model, diffusion = build_model_and_diffusion(section, device)
     load_model_weights(model, args.model_path)
     model.eval()
-    half = args.precision != "fp32"
-    context = (
-        torch.autocast(device.type, dtype=AUTOCAST_DTYPES[args.precision])
-        if half
-        else contextlib.nullcontext()
-    )
     start = time.perf_counter()
-    with context:
+    # the autocast region is opened here, on any device; sample_images, told fp32, opens none of its own
+    with autocast_context(args.precision, device, cuda_only=False):
         images = sample_images(
             model,
             diffusion,
@@ -69,11 +62,10 @@ def main() -> None:
             precision="fp32",
             progress=True,
         )
-    buf = io.BytesIO()
-    np.savez(buf, arr_0=images)
-    atomic_write_bytes(buf.getvalue(), args.out)
+    path = save_samples(images, args.output_dir)
     wall = time.perf_counter() - start
-    print(f"{args.num_samples} samples, {args.precision} on {device}, {wall:.1f}s -> {args.out}")
+    print(f"{args.num_samples} samples, {args.precision} on {device}, {wall:.1f}s -> {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -137,3 +137,31 @@ def test_student_eps_error_splits_exactly_and_is_zero_for_the_teacher_itself(rep
     for r in rows:
         assert r["total"] > 0
         assert abs(r["grey"] + r["colour_cast"] + r["colour_detail"] - r["total"]) <= 1e-6 * r["total"]
+
+
+def test_sampling_precision_applies_half_autocast_on_the_cpu(repo_root, tmp_path):
+    """benchmarks/sampling_precision.py: bf16 on a CPU really samples in bf16 (other images than fp32, from
+    the same seed, yet close to them), and writes image_sample.py's samples file."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    sys.path.insert(0, str(repo_root / "tests"))
+    from sampling_precision import main as sample_at
+    from script_env import write_tiny_checkpoints
+
+    paths = write_tiny_checkpoints(tmp_path)
+    torch.manual_seed(1)  # a fresh UNet's output conv is zero, which would hide the precision
+    weights = torch.load(paths["student"], weights_only=True)
+    torch.save({k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}, tmp_path / "student.pt")
+    config = repo_root / "tests" / "configs" / "tiny_kd.yaml"
+    common = ["--config", str(config), "--model_path", str(tmp_path / "student.pt"), "--device", "cpu",
+              "--num_samples", "4", "--batch_size", "4", "--timestep_respacing", "4"]
+    arrays = {}
+    for precision in ("fp32", "bf16"):
+        path = sample_at([*common, "--precision", precision, "--output_dir", str(tmp_path / precision)])
+        assert path.endswith("samples_4x16x16x3.npz")
+        with np.load(path) as f:
+            arrays[precision] = f["arr_0"].astype(np.int16)
+    diff = np.abs(arrays["bf16"] - arrays["fp32"])
+    assert diff.max() > 0 and diff.mean() < 32
