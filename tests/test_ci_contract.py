@@ -99,17 +99,9 @@ def _requirement_names(path: Path, pinned: bool = False) -> dict[str, str]:
 
 # import name -> distribution name, where they differ
 _DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "tensorflow": "tensorflow-cpu"}
-_LOCAL = {
-    "guided_diffusion",
-    "evaluations",
-    "datasets",
-    "benchmarks",
-    "scripts",
-    "tests",
-    "script_env",
-    "bench_throughput",
-    "end_to_end",
-    "student_eps_error",
+# the repo's packages, and the modules tests import from benchmarks/ and tests/ by putting those on sys.path
+_LOCAL = {"guided_diffusion", "evaluations", "datasets", "benchmarks", "scripts", "tests"} | {
+    path.stem for folder in ("benchmarks", "tests") for path in (ROOT / folder).glob("*.py")
 }
 
 
