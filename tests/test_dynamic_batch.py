@@ -19,6 +19,7 @@ from guided_diffusion.distill.dkdm.pool import (
     SHUFFLED,
     DynamicBatch,
     balanced_end_steps,
+    padded_call_sizes,
     pool_size,
 )
 from guided_diffusion.script_util import create_model_and_diffusion
@@ -351,7 +352,9 @@ def test_mpi_prepare_writes_all_ranks_and_each_rank_loads_its_slice(tmp_path):
 
 def test_padding_never_exceeds_a_pool_smaller_than_the_teacher_batch(teacher_and_diffusion):
     """Issue 17: a pool of 1,280 items (BATCH 0.01) prepared with teacher batch 3072 was padded to 3072 per
-    call, 2.4x the teacher work of the authors' calls of all unfinished items; now a call holds the pool."""
+    call, 2.4x the teacher work of the authors' calls of all unfinished items; then every call held the whole
+    pool (still 1.5x, as the unfinished items dwindle). Now a call is padded only up to the smallest of four
+    sizes that holds its items, and each item still ends at its end step."""
     teacher, diffusion = teacher_and_diffusion
     sizes = []
     forward = teacher.forward
@@ -367,6 +370,18 @@ def test_padding_never_exceeds_a_pool_smaller_than_the_teacher_batch(teacher_and
         pool.prepare(progress=False, pad_to_full=True)
     finally:
         del teacher.forward
-    assert set(sizes) == {pool.size} and pool.size < 1000
+    assert pool.size == 32 and max(sizes) == pool.size
+    assert set(sizes) == set(padded_call_sizes(pool.size)) == {32, 16, 8}
     ends = balanced_end_steps(pool.size, 1, diffusion.num_timesteps, seed=0)[0]
     assert torch.equal(pool.total_t, ends)
+    needed = int((diffusion.num_timesteps - ends).sum())
+    assert needed <= sum(sizes) < 1.5 * needed  # one size for every call would be ~2x the items' steps
+
+
+def test_padded_call_sizes_halve_the_full_size_in_multiples_of_eight():
+    assert padded_call_sizes(1280) == [1280, 640, 320, 160]
+    assert padded_call_sizes(3072) == [3072, 1536, 768, 384]
+    assert padded_call_sizes(1000) == [1000, 504, 256, 128]
+    assert padded_call_sizes(20) == [20, 16, 8]
+    assert padded_call_sizes(8) == [8]
+    assert padded_call_sizes(1280, count=1) == [1280]

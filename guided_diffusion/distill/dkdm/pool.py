@@ -33,6 +33,19 @@ MODES = (DYNAMIC, SHUFFLED, ITERATIVE)
 STALE_TEMP_AGE_S = 600.0  # a pool cache's temp file untouched this long is a killed writer's
 _GATHER_CHUNK = 4096  # items per collective when gathering a pool to rank 0
 _GPU_MARGIN_BYTES = 2 << 30  # free GPU memory left untouched when placing the pool
+PADDED_CALL_SIZES = 4  # the preparation's padded calls take the full size or one of its 3 halvings
+
+
+def padded_call_sizes(full: int, count: int = PADDED_CALL_SIZES) -> list[int]:
+    """The sizes the preparation pads its tail calls up to, largest first: `full` and its halvings, rounded
+    up to multiples of 8, at most `count` of them. A few shapes, each one CUDA graph, instead of a new shape
+    per call or every call at full size (a pool smaller than one call shrinks through all of them)."""
+    sizes = [full]
+    for k in range(1, count):
+        size = min(full, -(-full // (2**k * 8)) * 8)
+        if size < sizes[-1]:
+            sizes.append(size)
+    return sizes
 
 
 def pool_size(iter_choice: str, rho: float, student_timesteps: int, batch_size: int) -> int:
@@ -226,10 +239,11 @@ class DynamicBatch:
 
         Every teacher call takes the first `teacher_batch_size` unfinished items, each at its own timestep
         (as the authors' `manage_denoise_fn`), so calls stay full-size until the last items; with
-        `pad_to_full` (default: on CUDA, where one shape serves one compiled graph) the tail calls are padded
-        to full size (the teacher batch, or the whole pool when it is smaller) with repeats whose results are
-        dropped. Each item still ends exactly at its end step. The iterative mode starts all B items at fresh
-        noise instead.
+        `pad_to_full` (default: on CUDA, where one shape serves one CUDA graph or compiled graph) the tail
+        calls are padded with repeats, whose results are dropped, up to the smallest of
+        `padded_call_sizes` of the full size (the teacher batch, or the whole pool when it is smaller).
+        Each item still ends exactly at its end step. The iterative mode starts all B items at fresh noise
+        instead.
         """
         self._allocate(self.size)
         self.total_t.fill_(self.T)
@@ -240,6 +254,7 @@ class DynamicBatch:
             return
         pad = self.device.type == "cuda" if pad_to_full is None else pad_to_full
         full = min(self.teacher_batch_size, self.size)  # a pool smaller than one call is one call, not padded
+        sizes = padded_call_sizes(full)
         ends = balanced_end_steps(self.size, self.world_size, self.T, self.seed)[self.rank]
         steps = self.total_t.clone()
         bar = tqdm(total=int((self.T - ends).sum()), desc="dynamic batch",
@@ -251,7 +266,7 @@ class DynamicBatch:
             idx = unfinished[: self.teacher_batch_size]
             n = idx.numel()
             if pad and n < full:
-                idx = idx[torch.arange(full) % n]
+                idx = idx[torch.arange(min(size for size in sizes if size >= n)) % n]
             x = self.total_x[self._to(idx, self.pool_device)].to(self.device, non_blocking=True)
             t = steps[idx] - 1
             x_tm1, _ = self.teacher_step(x, self._to(t, self.device))
