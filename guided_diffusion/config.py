@@ -63,6 +63,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "max_nonfinite_skips": 50,
     "compile": True,  # CUDA only: torch.compile of the frozen nets (compile_util.FastPath)
     "cuda_graphs": True,  # CUDA only: replay static-shape UNet calls as graphs (compile_util.FastPath)
+    "compile_background": True,  # CUDA: frozen nets compile in a worker process, run uncompiled meanwhile
     "half_norm": True,  # CUDA half precision only: GroupNorm reads bf16/fp16 directly, fp32 statistics
     "lr_schedule": "constant",
     "sample_interval": 0,  # 0 = no sample grid during training

@@ -14,6 +14,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.distill.dkdm.pool import DynamicBatch
 from guided_diffusion.distill.loop import KDTrainLoop
 from guided_diffusion.infra import compile_util
+from guided_diffusion.infra.background_compile import FirstCallCompiled
 from guided_diffusion.infra.compile_util import (
     CompiledWithFallback,
     FastPath,
@@ -269,9 +270,10 @@ def test_config_compile_flag_wires_student_teacher_and_sampler(tmp_path, monkeyp
                        diffusion=_diffusion(), batch_size=4, microbatch=-1, lr=1e-3, ema_rate="0.9",
                        log_interval=0, save_interval=0, resume_checkpoint="", run_dir=str(tmp_path),
                        fast=FastPath(compile=True))
-    assert isinstance(loop.ddp_model, CompiledWithFallback) and isinstance(pool.teacher, CompiledWithFallback)
+    assert isinstance(loop.ddp_model, CompiledWithFallback) and isinstance(pool.teacher, FirstCallCompiled)
     loop.run_step(*loop.next_batch())
-    assert loop.step == 1 and not loop.ddp_model.failed and not pool.teacher.failed
+    assert loop.step == 1 and not loop.ddp_model.failed
+    assert pool.teacher.state == "ready" and not pool.teacher.compiled.failed
     kwargs = dict(num_samples=3, batch_size=3, image_size=8, seed=5, progress=False)
     plain = sample_images(teacher, _diffusion(), **kwargs)
     fast = sample_images(teacher, _diffusion(), fast=FastPath(compile=True), **kwargs)

@@ -17,6 +17,7 @@ import torch
 
 from .. import logger
 from ..nn import use_half_norm
+from .background_compile import FirstCallCompiled
 from .cuda_graphs import GraphedInference, GraphedTraining
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -108,18 +109,21 @@ class FastPath:
     `cuda_graphs`: static-shape UNet calls replay CUDA graphs (frozen nets; the student's forward/backward
     in single-process training with one microbatch). `compile`: torch.compile for the frozen nets (with
     graphs at static shapes) and for a student that runs without graphs; CUDA models only.
+    `compile_background`: a frozen net is compiled by a worker process while its calls run uncompiled
+    (`background_compile`), so a run's first step does not wait for the compile.
     All are no-ops on CPU and for fp32, so the reference path is untouched.
     """
 
     compile: bool = False
     cuda_graphs: bool = False
     half_norm: bool = False
+    compile_background: bool = False
 
     @classmethod
     def from_section(cls, section: Any) -> FastPath:
         """The switches of a config section (a flat training/sampling section or the KD student's)."""
         return cls(compile=bool(section.compile), cuda_graphs=bool(section.cuda_graphs),
-                   half_norm=bool(section.half_norm))
+                   half_norm=bool(section.half_norm), compile_background=bool(section.compile_background))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -150,21 +154,28 @@ def fast_trained(model: Callable, fast: FastPath, *, graphs_allowed: bool, name:
 
 def fast_frozen(model: torch.nn.Module, fast: FastPath, *, name: str) -> Callable:
     """A frozen network (teacher, sampler) on the fast path; every call site gives it one batch size (pool
-    draws, sampling, and the pool preparation, whose calls are padded to full size). With `compile`:
-    compiled for static shapes with an eager fallback, plus CUDA graphs (mode reduce-overhead, outputs
-    cloned) on CUDA. With `cuda_graphs` only: GraphedInference, which graphs the repeated shapes and runs
-    one-off shapes eagerly. Neither: `model` itself. `half_norm` is only ever switched on here, so sampling
-    a training student with default switches leaves its GroupNorm mode alone."""
+    draws, sampling; the pool preparation pads its calls to a few sizes). With `compile`: compiled for the
+    first call's static shapes with an eager fallback, plus CUDA graphs (mode reduce-overhead, outputs
+    cloned) on CUDA, other shapes on the path below; with `compile_background` the compile runs in a
+    worker process while the calls run on the path below (`background_compile.FirstCallCompiled`). With
+    `cuda_graphs` only: GraphedInference, which graphs the repeated shapes and runs one-off shapes
+    eagerly. Neither: `model` itself. `half_norm` is only ever switched on here, so sampling a training
+    student with default switches leaves its GroupNorm mode alone."""
     if fast.half_norm:
         use_half_norm(model)
     cuda = _device_of(model).type == "cuda"
-    if fast.compile and _compiles_here(model):
-        graphs = cuda and compile_backend() == "inductor"
-        return maybe_compile(model, True, mode="reduce-overhead" if graphs else "default", dynamic=False,
-                             clone_outputs=graphs, name=name, backend=compile_backend())
-    if fast.cuda_graphs and cuda:
-        return GraphedInference(model, name=name)
-    return model
+    uncompiled = GraphedInference(model, name=name) if fast.cuda_graphs and cuda else model
+    if not (fast.compile and _compiles_here(model)):
+        return uncompiled
+    graphs = cuda and compile_backend() == "inductor"
+    mode = "reduce-overhead" if graphs else "default"
+
+    def build() -> Callable:
+        return maybe_compile(model, True, mode=mode, dynamic=False, clone_outputs=graphs, name=name,
+                             backend=compile_backend())
+
+    return FirstCallCompiled(model, fallback=uncompiled, compile=build, name=name,
+                             in_worker=fast.compile_background, mode=mode, backend=compile_backend())
 
 
 def compile_available() -> bool:

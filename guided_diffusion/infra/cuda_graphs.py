@@ -27,7 +27,7 @@ def _tensor_signature(t: torch.Tensor) -> tuple[Any, ...]:
     return tuple(t.shape), t.dtype, t.stride(), t.requires_grad
 
 
-def _call_signature(device: torch.device, tensors: tuple[torch.Tensor, ...], names: tuple[str, ...]
+def call_signature(device: torch.device, tensors: tuple[torch.Tensor, ...], names: tuple[str, ...]
                     ) -> Signature:
     """What a recorded graph depends on besides the weights: tensor layouts and the autocast/grad modes."""
     kind = device.type
@@ -95,7 +95,7 @@ class GraphedInference:
         if args is None:
             return self.module(x, timesteps, **kwargs)
         tensors, names = args
-        key = _call_signature(x.device, tensors, names)
+        key = call_signature(x.device, tensors, names)
         recorded = self.graphs.get(key)
         if recorded is None:
             self.calls[key] = self.calls.get(key, 0) + 1
@@ -178,7 +178,7 @@ class GraphedTraining:
         args = _graphable_args(x, timesteps, {}) if eligible else None
         if args is None:
             return self.module(x, timesteps, **kwargs)
-        key = _call_signature(x.device, args[0], ())
+        key = call_signature(x.device, args[0], ())
         if self.graphed is None and not self._record(key, x, timesteps):
             return self.module(x, timesteps)
         if key != self.signature:
