@@ -82,32 +82,46 @@ def test_graphed_inference_outlives_the_autocast_region_it_was_recorded_in():
     assert len(graphed.graphs) == 1 and not graphed.failed
 
 
-def _train(fast: FastPath, steps: int = 4, batch: int = 8) -> tuple[list[float], list[torch.Tensor]]:
+def _train(fast: FastPath, steps: int = 4, batch: int = 8
+           ) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Losses, first-step gradients, initial and final parameters of `steps` bf16 training steps."""
     model = _model(1)
     loop = TrainLoop(model=model, diffusion=_diffusion(), data=iter(()), batch_size=batch, microbatch=-1,
                      lr=1e-3, ema_rate="0.9", log_interval=0, save_interval=0, resume_checkpoint="",
                      precision="bf16", seed=0, fast=fast)
     torch.manual_seed(2)
     data = torch.rand(batch, 3, 16, 16, device="cuda") * 2 - 1
-    losses = []
+    initial = [p.detach().clone() for p in model.parameters()]
+    losses, grads = [], []
     for step in range(steps):
         torch.manual_seed(100 + step)
         loop.run_step(data, {})
+        if step == 0:
+            grads = [p.grad.detach().clone() for p in model.parameters()]
         total, count = loop._acc.pop("loss")
         losses.append(float(total) / count)
         loop._acc.clear()
     if fast.cuda_graphs:
         assert isinstance(loop.ddp_model, GraphedTraining) and loop.ddp_model.graphed is not None
-    return losses, [p.detach().clone() for p in model.parameters()]
+    return losses, grads, initial, [p.detach().clone() for p in model.parameters()]
 
 
 def test_graphed_training_steps_match_eager_steps():
-    graphed_losses, graphed_params = _train(FAST)
-    eager_losses, eager_params = _train(PLAIN)
+    """Graphed and eager bf16 steps agree to rounding: on the H200 most first-step gradients are
+    bit-identical and the rest differ by at most 0.4% of their norm. Adam turns every gradient into a step
+    of about lr whatever its size, so the few elements whose tiny gradients change sign (65 of 828k) move
+    the other way: parameters are compared by the size of their difference against the size of the update,
+    not element by element (which failed at 82 of 4096 elements of one tensor after 4 steps)."""
+    graphed_losses, graphed_grads, initial, graphed_params = _train(FAST)
+    eager_losses, eager_grads, _, eager_params = _train(PLAIN)
     assert eager_losses[0] != eager_losses[-1]
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-4)
-    for g, e in zip(graphed_params, eager_params, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
+    for g, e in zip(graphed_grads, eager_grads, strict=True):
+        assert (g - e).norm() <= 2e-2 * e.norm() + 1e-12
+    moved = sum(float((e - i).square().sum()) for e, i in zip(eager_params, initial, strict=True)) ** 0.5
+    apart = sum(float((g - e).square().sum()) for g, e in zip(graphed_params, eager_params, strict=True))
+    apart = apart**0.5
+    assert moved > 0 and apart <= 0.1 * moved, (apart, moved)
 
 
 def test_graphed_training_serves_other_calls_eagerly():
