@@ -353,8 +353,8 @@ def test_mpi_prepare_writes_all_ranks_and_each_rank_loads_its_slice(tmp_path):
 def test_padding_never_exceeds_a_pool_smaller_than_the_teacher_batch(teacher_and_diffusion):
     """Issue 17: a pool of 1,280 items (BATCH 0.01) prepared with teacher batch 3072 was padded to 3072 per
     call, 2.4x the teacher work of the authors' calls of all unfinished items; then every call held the whole
-    pool (still 1.5x, as the unfinished items dwindle). Now a call is padded only up to the smallest of four
-    sizes that holds its items, and each item still ends at its end step."""
+    pool (still about 2x, as the unfinished items dwindle). Now a call is padded only up to the smallest of
+    four sizes that holds its items, and each item still ends at its end step."""
     teacher, diffusion = teacher_and_diffusion
     sizes = []
     forward = teacher.forward
