@@ -167,3 +167,16 @@ def test_the_workers_settings_leave_the_state_inductors_cache_key_reads_unchange
     before = key_state()
     apply_modes(current_modes(torch.device("cpu")))
     assert key_state() == before
+
+
+def test_the_worker_never_imports_mpi():
+    """Under `mpiexec` the worker inherits the rank's MPI environment; an MPI_Init in it (mpi4py's import)
+    could join or hang the job. Loading the worker and the UNet it unpickles must not import mpi4py."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, guided_diffusion.infra.background_compile, guided_diffusion.unet, "
+        "guided_diffusion.ddpm_unet; sys.exit('mpi4py' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
