@@ -13,8 +13,8 @@ from guided_diffusion.infra import compile_util
 from guided_diffusion.infra.background_compile import (
     FirstCallCompiled,
     _weightless_copy,
-    apply_modes,
-    current_modes,
+    apply_settings,
+    numeric_settings,
 )
 from guided_diffusion.infra.compile_util import FastPath, fast_frozen, maybe_compile
 from guided_diffusion.script_util import create_model
@@ -165,7 +165,7 @@ def test_the_workers_settings_leave_the_state_inductors_cache_key_reads_unchange
         )
 
     before = key_state()
-    apply_modes(current_modes(torch.device("cpu")))
+    apply_settings(numeric_settings())
     assert key_state() == before
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import logger
-from .cuda_graphs import Signature, call_signature
+from .cuda_graphs import Signature, TensorLayout, call_signature
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -41,18 +41,9 @@ def _weightless_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _tensor_spec(t: torch.Tensor) -> dict[str, Any]:
-    return {"shape": tuple(t.shape), "stride": t.stride(), "dtype": t.dtype, "requires_grad": t.requires_grad}
-
-
-def current_modes(device: torch.device) -> dict[str, Any]:
-    """The state a compiled graph depends on besides its inputs: autocast, grad modes, numeric settings."""
-    kind = device.type
-    autocast = torch.is_autocast_enabled(kind)
+def numeric_settings() -> dict[str, Any]:
+    """The process-wide settings a compiled graph depends on besides its call signature."""
     return {
-        "autocast_dtype": torch.get_autocast_dtype(kind) if autocast else None,
-        "grad": torch.is_grad_enabled(),
-        "inference_mode": torch.is_inference_mode_enabled(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
@@ -107,29 +98,26 @@ class FirstCallCompiled:
         return getattr(self.module, name)
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> Any:
-        tensors = (x, timesteps, *(kwargs[n] for n in sorted(kwargs)))
+        names = tuple(sorted(kwargs))
+        tensors = (x, timesteps, *(kwargs[n] for n in names))
         if all(isinstance(t, torch.Tensor) and t.device == x.device for t in tensors):
-            key = call_signature(x.device, tensors, tuple(sorted(kwargs)))
+            key = call_signature(x.device, tensors, names)
             if self.state == "idle" and not self.in_worker:
                 self.key, self.compiled, self.state = key, self.build_compiled(), "ready"
             elif self.state == "idle":
-                self._start(key, x, timesteps, kwargs)
+                self._start(key, x.device)
             elif self.state == "compiling":
                 self._poll()
             if self.state == "ready" and key == self.key:
                 return self._call_compiled(x, timesteps, kwargs)
         return self.fallback(x, timesteps, **kwargs)
 
-    def _start(
-        self, key: Signature, x: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any]
-    ) -> None:
+    def _start(self, key: Signature, device: torch.device) -> None:
         spec = {
             "module": _weightless_copy(self.module),
-            "device": str(x.device),
-            "x": _tensor_spec(x),
-            "timesteps": _tensor_spec(timesteps),
-            "kwargs": {k: _tensor_spec(v) for k, v in kwargs.items()},
-            "modes": current_modes(x.device),
+            "device": str(device),
+            "signature": key,
+            "settings": numeric_settings(),
             "mode": self.mode,
             "backend": self.backend,
         }
@@ -198,29 +186,28 @@ class FirstCallCompiled:
         self._remove_spec()
 
 
-def apply_modes(modes: dict[str, Any]) -> None:
-    """Give this process the numeric settings of `modes` (from `current_modes`), setting only those that
-    differ: a value set equal to its default still changes the state inductor's cache key reads (the matmul
-    precision "highest" set explicitly reads as "ieee", the default as "none"), and the caller would miss."""
-    if torch.get_float32_matmul_precision() != modes["float32_matmul_precision"]:
-        torch.set_float32_matmul_precision(modes["float32_matmul_precision"])
-    if torch.backends.cudnn.benchmark != modes["cudnn_benchmark"]:
-        torch.backends.cudnn.benchmark = modes["cudnn_benchmark"]
-    if torch.are_deterministic_algorithms_enabled() != modes["deterministic"]:
-        torch.use_deterministic_algorithms(modes["deterministic"])
+def apply_settings(settings: dict[str, Any]) -> None:
+    """Give this process the settings of `numeric_settings`, setting only those that differ: a value set
+    equal to its default still changes the state inductor's cache key reads (the matmul precision "highest"
+    set explicitly reads as "ieee", the default as "none"), and the caller would miss the cache."""
+    if torch.get_float32_matmul_precision() != settings["float32_matmul_precision"]:
+        torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    if torch.backends.cudnn.benchmark != settings["cudnn_benchmark"]:
+        torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
+    if torch.are_deterministic_algorithms_enabled() != settings["deterministic"]:
+        torch.use_deterministic_algorithms(settings["deterministic"])
 
 
-def _zeros(spec: dict[str, Any], device: torch.device) -> torch.Tensor:
-    t = torch.empty_strided(spec["shape"], spec["stride"], dtype=spec["dtype"], device=device).zero_()
-    return t.requires_grad_(spec["requires_grad"])
+def _zeros(layout: TensorLayout, device: torch.device) -> torch.Tensor:
+    t = torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype, device=device).zero_()
+    return t.requires_grad_(layout.requires_grad)
 
 
 def warm_cache(spec_path: str) -> None:
     """The worker: compile the spec's weightless network for its call signature and run it once, which
     writes the compiled kernels to inductor's cache (the one of this environment, shared with the caller)."""
     spec = torch.load(spec_path, weights_only=False)
-    modes = spec["modes"]
-    apply_modes(modes)
+    apply_settings(spec["settings"])
     device = torch.device(spec["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -228,21 +215,25 @@ def warm_cache(spec_path: str) -> None:
     with torch.no_grad():
         for t in (*module.parameters(), *module.buffers()):
             t.zero_()
-    x, timesteps = _zeros(spec["x"], device), _zeros(spec["timesteps"], device)
-    kwargs = {k: _zeros(v, device) for k, v in spec["kwargs"].items()}
+    signature: Signature = spec["signature"]
+    x, timesteps, *rest = (_zeros(layout, device) for layout in signature.tensors)
+    kwargs = dict(zip(signature.names, rest, strict=True))
     options = (
         {"mode": None if spec["mode"] == "default" else spec["mode"]} if spec["backend"] == "inductor" else {}
     )
     compiled = torch.compile(module, backend=spec["backend"], dynamic=False, **options)
-    dtype = modes["autocast_dtype"]
-    autocast = contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    autocast = (
+        torch.autocast(device.type, dtype=signature.autocast_dtype)
+        if signature.autocast
+        else contextlib.nullcontext()
+    )
     begin = time.perf_counter()
-    with torch.inference_mode(modes["inference_mode"]), torch.set_grad_enabled(modes["grad"]), autocast:
+    with torch.inference_mode(signature.inference_mode), torch.set_grad_enabled(signature.grad), autocast:
         compiled(x, timesteps, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     print(
-        f"compiled {type(module).__name__} for x {spec['x']['shape']} in {time.perf_counter() - begin:.1f} s",
+        f"compiled {type(module).__name__} for x {tuple(x.shape)} in {time.perf_counter() - begin:.1f} s",
         flush=True,
     )
 

@@ -20,21 +20,34 @@ from torch import nn
 
 from .. import logger
 
-Signature = tuple[Any, ...]
+
+class TensorLayout(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stride: tuple[int, ...]
+    requires_grad: bool
 
 
-def _tensor_signature(t: torch.Tensor) -> tuple[Any, ...]:
-    return tuple(t.shape), t.dtype, t.stride(), t.requires_grad
+class Signature(NamedTuple):
+    """What a recorded or compiled call depends on besides the weights: the keyword names, each tensor's
+    layout (x, timesteps, then the keywords in name order) and the autocast/grad modes."""
+
+    names: tuple[str, ...]
+    tensors: tuple[TensorLayout, ...]
+    autocast: bool
+    autocast_dtype: torch.dtype | None
+    grad: bool
+    inference_mode: bool
 
 
 def call_signature(device: torch.device, tensors: tuple[torch.Tensor, ...], names: tuple[str, ...]
-                    ) -> Signature:
-    """What a recorded graph depends on besides the weights: tensor layouts and the autocast/grad modes."""
+                   ) -> Signature:
+    """The signature of a call with these tensors and keyword names on `device`, in the current modes."""
     kind = device.type
     autocast = torch.is_autocast_enabled(kind)
-    return (
+    return Signature(
         names,
-        tuple(_tensor_signature(t) for t in tensors),
+        tuple(TensorLayout(tuple(t.shape), t.dtype, t.stride(), t.requires_grad) for t in tensors),
         autocast,
         torch.get_autocast_dtype(kind) if autocast else None,
         torch.is_grad_enabled(),
