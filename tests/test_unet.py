@@ -247,7 +247,6 @@ def test_use_fp16_keeps_fp32_weights_and_groupnorm_returns_input_dtype():
     assert torch.isfinite(y.float()).all()
 
 
-
 def test_autocast_halves_block_convolutions_but_keeps_embeddings_and_output_head_float32():
     """As guided-diffusion's fp16 mode: under autocast only the blocks' convolutions run in half precision;
     the time embedding, the embedding projections and the output head (which writes eps) stay float32."""
@@ -277,6 +276,7 @@ def test_autocast_halves_block_convolutions_but_keeps_embeddings_and_output_head
     assert head.dtype == torch.bfloat16  # the head alone would be halved: the UNet's forward keeps it fp32
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, model(x, t), rtol=0.1, atol=0.1)
+
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="image_size=48"):
