@@ -43,13 +43,19 @@ from guided_diffusion.distill.loop import KDTrainLoop  # noqa: E402
 from guided_diffusion.infra.atomic_io import atomic_write_text  # noqa: E402
 from guided_diffusion.infra.compile_util import FastPath, fast_frozen  # noqa: E402
 from guided_diffusion.model_cost import forward_cost  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.script_util import architecture_defaults, create_any_model_and_diffusion  # noqa: E402
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 DIFFUSION_YAML = "yaml/cifar10_32/diffusion.yaml"
-ARCHS = {"14M": "yaml/arch/14M-CNN.yaml", "57M": "yaml/arch/57M-CNN.yaml"}
-TINY_ARCHS = {"14M": "tests/configs/tiny_student_arch.yaml", "57M": "tests/configs/tiny_arch.yaml"}
+ARCHS = {
+    "14M": "yaml/arch/14M-CNN.yaml", "57M": "yaml/arch/57M-CNN.yaml",
+    "DiT-S/2": "yaml/arch/DiT-S-2.yaml", "DiT-B/2": "yaml/arch/DiT-B-2.yaml",
+}
+TINY_ARCHS = {
+    "14M": "tests/configs/tiny_student_arch.yaml", "57M": "tests/configs/tiny_arch.yaml",
+    "DiT-S/2": "tests/configs/tiny_dit_arch.yaml", "DiT-B/2": "tests/configs/tiny_dit_arch.yaml",
+}
 
 # The public implementation on an H100 80GB (PyTorch 2.11, fp16 + fp32 master weights), from the issue.
 PUBLIC = {"kd14": 702.0, "kd57": 582.0, "train14": 820.0, "train57": 749.0, "sample14": 9900.0,
@@ -75,6 +81,10 @@ CASES = {
         Case("kd57", "kd", "57M", 128, 4, teacher="57M"),
         Case("train14", "train", "14M", 128, 4),
         Case("train57", "train", "57M", 128, 4),
+        Case("kd_dit_s2", "kd", "DiT-S/2", 128, 4, teacher="57M"),
+        Case("kd_dit_b2", "kd", "DiT-B/2", 128, 4, teacher="57M"),
+        Case("train_dit_s2", "train", "DiT-S/2", 128, 4),
+        Case("train_dit_b2", "train", "DiT-B/2", 128, 4),
         Case("sample14", "sample", "14M", 2500, 8),
         Case("sample57", "sample", "57M", 2500, 8),
         Case("prepare57", "prepare", "57M", 3072, 16),
@@ -111,14 +121,14 @@ def _read_yaml(rel: str) -> dict[str, Any]:
 
 
 def build(arch: str, tiny: bool, device: torch.device):
-    """(UNetModel on `device`, SpacedDiffusion) from the arch YAML and the CIFAR10 diffusion YAML."""
-    kwargs = model_and_diffusion_defaults()
+    """(UNet or DiT on `device`, SpacedDiffusion) from the arch YAML and the CIFAR10 diffusion YAML."""
     merged = {**_read_yaml((TINY_ARCHS if tiny else ARCHS)[arch]), **_read_yaml(DIFFUSION_YAML)}
+    kwargs = architecture_defaults(merged)
     kwargs.update({k: v for k, v in merged.items() if k in kwargs})
-    kwargs["channel_mult"] = str(kwargs["channel_mult"])
-    kwargs["attention_resolutions"] = str(kwargs["attention_resolutions"])
-    kwargs["timestep_respacing"] = str(kwargs["timestep_respacing"])
-    model, diffusion = create_model_and_diffusion(**kwargs)
+    for key in ("channel_mult", "attention_resolutions", "timestep_respacing"):
+        if key in kwargs:
+            kwargs[key] = str(kwargs[key])
+    model, diffusion = create_any_model_and_diffusion(**kwargs)
     diffusion.cache_tables(device)
     return model.to(device), diffusion
 
@@ -249,7 +259,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace, device: torch.devi
         "iters": iters, "warmup": warmup,
         "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "flops_per_iter": flops, "tflops": tflops, "mfu": tflops / peak if peak else None,
-        "public": None if args.tiny else PUBLIC[case.name],
+        "public": None if args.tiny else PUBLIC.get(case.name),  # the authors' scripts train no DiT
         "options": {"precision": opts.precision, **opts.fast.__dict__},
     }
     row["vs_public"] = row["throughput"] / row["public"] if row["public"] else None

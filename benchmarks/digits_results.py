@@ -44,8 +44,12 @@ from guided_diffusion.infra.checkpoint import atomic_write_bytes, parse_step  # 
 from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
 from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
 
-ALL_METHODS = ("reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd")
+ALL_METHODS = (
+    "reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd",
+    "dit_teacher", "dkdm_cnn_dit", "dkdm_dit_cnn", "dkdm_dit_dit",
+)
 TEACHER_YAML = "yaml/digits_16/teacher.yaml"
+DIT_TEACHER_YAML = "yaml/digits_16/dit_teacher.yaml"  # the DiT teacher of the architecture table
 TEACHER_ARCH = "yaml/digits_16/arch/teacher.yaml"
 DIFFUSION_YAML = "yaml/digits_16/diffusion.yaml"
 TEACHER_CKPT = "model/digits16_teacher.pt"
@@ -104,6 +108,18 @@ TRAINED: dict[str, TrainedMethod] = {
             "yaml/digits_16/exp/Digits-TCCD.yaml",
             "main",
             needs_pool=True,
+        ),
+        TrainedMethod(
+            "dkdm_cnn_dit", "DKDM CNN -> DiT", "scripts/image_kd.py",
+            "yaml/digits_16/exp/Digits-DKDM-CNN-to-DiT.yaml", "arch", needs_pool=True,
+        ),
+        TrainedMethod(
+            "dkdm_dit_cnn", "DKDM DiT -> CNN", "scripts/image_kd.py",
+            "yaml/digits_16/exp/Digits-DKDM-DiT-to-CNN.yaml", "arch", needs_pool=True,
+        ),
+        TrainedMethod(
+            "dkdm_dit_dit", "DKDM DiT -> DiT", "scripts/image_kd.py",
+            "yaml/digits_16/exp/Digits-DKDM-DiT-to-DiT.yaml", "arch", needs_pool=True,
         ),
         TrainedMethod(
             "pd", "PD 8->4 steps", "scripts/step_distill.py", "", "rdd", data="teacher_samples", own_grid=True
@@ -291,6 +307,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     out += ["", "## Equal steps from the same teacher", "", MAIN_HEADER]
     out += [_main_row(row) for row in rows.values() if row.get("table") == "main"]
     out += ["", "## TCCD vs DKDM (equal steps)", "", *_comparison_lines(rows, "dkdm", "tccd")]
+    if any(row.get("table") == "arch" for row in rows.values()):
+        out += ["", "## Any architecture: CNN and DiT teachers and students (equal steps)", "", MAIN_HEADER]
+        out += [_main_row({**rows[n], "steps": None}) for n in ("teacher", "dit_teacher") if n in rows]
+        out += [_main_row({**rows[n], "label": "DKDM CNN -> CNN"}) for n in ("dkdm",) if n in rows]
+        out += [_main_row(row) for row in rows.values() if row.get("table") == "arch"]
     out += ["", "## RDD: 8-step teacher, 4-step PD and RDD students (equal steps)", "", MAIN_HEADER]
     if "teacher_ddim8" in rows:
         out.append(_main_row({**rows["teacher_ddim8"], "steps": None}))
@@ -383,6 +404,26 @@ class DigitsBenchmark:
             raise BenchError(f"{path} was made with other settings ({pairs}); use another --out")
         previous["settings"] = self.settings
         return previous
+
+    def merge(self, dirs: Sequence[str]) -> None:
+        """Take the rows, invocations and grids of other runners' output dirs made with the same settings
+        (runners run side by side on one GPU each write their own dir)."""
+        for folder in map(Path, dirs):
+            path = folder / "results.json"
+            try:
+                other = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise BenchError(f"{path}: cannot merge ({exc})") from exc
+            theirs = other.get("settings", {})
+            differ = [k for k in SHARED_SETTINGS if theirs.get(k) != self.settings[k]]
+            if differ:
+                raise BenchError(f"{path} was made with other settings ({', '.join(differ)}); not merging it")
+            for name, row in other.get("rows", {}).items():
+                if row.get("grid") and (folder / row["grid"]).is_file():
+                    (self.out / "grids").mkdir(exist_ok=True)
+                    shutil.copyfile(folder / row["grid"], self.out / row["grid"])
+                self.results["rows"][name] = row
+            self.results["invocations"] += other.get("invocations", [])
 
     # ---- bookkeeping
 
@@ -510,20 +551,34 @@ class DigitsBenchmark:
     def run_teacher(self) -> None:
         """The shipped teacher on the benchmark's grid and on the 8-step DDIM grid (RDD's N-step teacher)."""
         for name, respacing in (("teacher", self.args.respacing), ("teacher_ddim8", "trailing8")):
-            begin = time.perf_counter()
-            model, diffusion = self.build(TEACHER_YAML, respacing)
-            load_model_weights(model, str(REPO_ROOT / TEACHER_CKPT))
-            use_ddim = respacing.startswith(DDIM_GRIDS)
-            row = {
-                "name": name,
-                "label": f"shipped teacher ({respacing}{'' if use_ddim else ' steps'})",
-                "table": "reference",
-                "sampler": respacing if use_ddim else f"{respacing} steps",
-                "status": "done",
-                "params": sum(p.numel() for p in model.parameters()),
-            }
-            self.score_row(row, self.sample(model, diffusion, use_ddim))
-            self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
+            self.score_teacher(name, "shipped teacher", TEACHER_YAML, respacing)
+
+    def run_dit_teacher(self) -> None:
+        """The DiT teacher (its config's model_path) on the benchmark's grid: the architecture table's
+        reference for the rows it teaches."""
+        self.score_teacher("dit_teacher", "DiT teacher", DIT_TEACHER_YAML, self.args.respacing)
+
+    def score_teacher(self, name: str, label: str, config: str, respacing: str) -> None:
+        """Sample the checkpoint `config` names on `respacing` and score it as a reference row."""
+        begin = time.perf_counter()
+        model, diffusion = self.build(config, respacing)
+        checkpoint = str(REPO_ROOT / primary_section(load_config(REPO_ROOT / config)).model_path)
+        if not Path(checkpoint).is_file():
+            self.put_row({"name": name, "label": label, "table": "reference", "status": "unavailable",
+                          "error": f"no checkpoint at {checkpoint}", "curve": []})
+            return
+        load_model_weights(model, checkpoint)
+        use_ddim = respacing.startswith(DDIM_GRIDS)
+        row = {
+            "name": name,
+            "label": f"{label} ({respacing}{'' if use_ddim else ' steps'})",
+            "table": "reference",
+            "sampler": respacing if use_ddim else f"{respacing} steps",
+            "status": "done",
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+        self.score_row(row, self.sample(model, diffusion, use_ddim))
+        self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
 
     # ---- trained methods
 
@@ -739,6 +794,8 @@ class DigitsBenchmark:
                 self.run_reference()
             elif name == "teacher":
                 self.run_teacher()
+            elif name == "dit_teacher":
+                self.run_dit_teacher()
             else:
                 self.run_trained(TRAINED[name])
         self.save()
@@ -781,6 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdd_config", default=None, help=f"RDD YAML (default: found in {RDD_CONFIG_DIR})")
     p.add_argument("--budget_s", type=float, default=0.0, help="wall-time budget of this call (0: none)")
     p.add_argument(
+        "--merge", default="", help="comma-separated output dirs of runners run beside this one (same "
+        "settings) whose rows and grids join this one's tables; --methods may then be empty"
+    )
+    p.add_argument(
         "--eval_reserve_s",
         type=float,
         default=60.0,
@@ -794,7 +855,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown or not methods:
+    if unknown or not (methods or args.merge):
         raise BenchError(f"unknown method(s) {unknown} in --methods; choose from {','.join(ALL_METHODS)}")
     for flag in ("steps", "num_samples", "sample_batch_size"):
         if getattr(args, flag) < 1:
@@ -818,6 +879,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         bench = DigitsBenchmark(args, argv)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        bench.merge([d for d in args.merge.split(",") if d.strip()])
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

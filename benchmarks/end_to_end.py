@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop dynamic_prepare after this many seconds and extrapolate (0: run it to the end)",
     )
     p.add_argument("--kd-limit", type=float, default=0.0, help="time limit of image_kd in seconds (0: none)")
+    p.add_argument(
+        "--random-pool",
+        action="store_true",
+        help="write a pool of random states (the config's size, the authors' layout) instead of running "
+        "dynamic_prepare: times image_kd alone, e.g. for students whose speed does not depend on the pool",
+    )
     p.add_argument("--launcher", default="", help='prefix of each script, e.g. "mpiexec -n 1"')
     p.add_argument("--out", required=True, help="working and results dir")
     p.add_argument(
@@ -79,7 +85,7 @@ def write_inputs(args: argparse.Namespace, out: Path) -> Path:
     from omegaconf import OmegaConf
 
     from guided_diffusion.config import check_input_files, load_config, model_and_diffusion_kwargs
-    from guided_diffusion.script_util import create_model_and_diffusion
+    from guided_diffusion.script_util import create_any_model_and_diffusion
 
     raw = OmegaConf.load(args.config)
     for item in args.set:
@@ -93,10 +99,31 @@ def write_inputs(args: argparse.Namespace, out: Path) -> Path:
     teacher_pt = out / "teacher.pt"
     if not teacher_pt.exists():
         torch.manual_seed(0)
-        model, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(cfg.teacher))
+        model, _ = create_any_model_and_diffusion(**model_and_diffusion_kwargs(cfg.teacher))
         torch.save(model.state_dict(), teacher_pt)
     check_input_files(cfg)  # the scripts' own checks, before any timing
     return config
+
+
+def write_random_pool(config: Path, path: Path) -> None:
+    """A one-rank pool of the config's size (round(rho T) x batch) with random states at random steps."""
+    import numpy as np
+
+    from guided_diffusion.config import load_config
+    from guided_diffusion.distill.dkdm.cache import save_cache
+    from guided_diffusion.distill.dkdm.pool import pool_size
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    cfg = load_config(config)
+    student = cfg.student
+    steps = create_gaussian_diffusion(
+        steps=student.diffusion_steps, noise_schedule=student.noise_schedule,
+        timestep_respacing=student.timestep_respacing,
+    ).num_timesteps
+    n = pool_size(cfg.teacher.iter_choice, cfg.teacher.BATCH, steps, student.batch_size)
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((n, 3, student.image_size, student.image_size), dtype=np.float32)
+    save_cache(str(path), rng.integers(1, steps, n), states)
 
 
 def run_stage(name: str, cmd: list[str], limit: float, log_path: Path) -> dict[str, Any]:
@@ -212,13 +239,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         path.write_text(json.dumps(report, indent=2))
         print(json.dumps(result), flush=True)
 
-    stage(
-        "dynamic_prepare",
-        "scripts/dynamic_prepare.py",
-        ["--config", str(config), "--exp_dir", str(out / "prepare")],
-        args.prepare_limit,
-        "prepare.log",
-    )
+    if args.random_pool:
+        write_random_pool(config, out / "pool.cache")
+    else:
+        stage(
+            "dynamic_prepare",
+            "scripts/dynamic_prepare.py",
+            ["--config", str(config), "--exp_dir", str(out / "prepare")],
+            args.prepare_limit,
+            "prepare.log",
+        )
     if args.kd_steps and (out / "pool.cache").exists():
         for i in range(2 if args.repeat_kd else 1):
             name = "image_kd" if i == 0 else "image_kd (warm compile cache)"

@@ -110,7 +110,13 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "max_nonfinite_skips": (0, math.inf, True, False),
     "input_perturb": (0.0, math.inf, True, False),
     "fp16_scale_growth": (0.0, math.inf, True, False),
+    "mlp_ratio": (0.0, math.inf, False, False),
+    "class_dropout_prob": (0.0, 1.0, True, False),
 }
+
+# A DiT section names one of the paper's grid ("DiT-S/2" ... "DiT-XL/8") or this, then sets its own sizes.
+CUSTOM_DIT = "custom"
+DIT_SIZE_KEYS = ("patch_size", "hidden_size", "depth", "num_heads")
 
 # Spellings the authors' code accepts, mapped to ours.
 ALIASES: dict[str, dict[str, str]] = {
@@ -120,7 +126,10 @@ ALIASES: dict[str, dict[str, str]] = {
 # String keys that YAML may type as numbers (`timestep_respacing: 100`); stored as strings.
 NUMBER_AS_STRING_KEYS = frozenset({"timestep_respacing", "attention_resolutions", "channel_mult", "ema_rate"})
 
-MINIMUMS: dict[str, float] = {"batch_size": 1, "num_samples": 1, "diffusion_steps": 1, "image_size": 1}
+MINIMUMS: dict[str, float] = {
+    "batch_size": 1, "num_samples": 1, "diffusion_steps": 1, "image_size": 1, "patch_size": 1,
+    "hidden_size": 1, "depth": 1, "num_classes": 1,
+}
 
 PATH_KEYS = ("model", "diffusion")
 SOURCE_KEY = "config"  # records the YAML a config was loaded from
@@ -133,15 +142,16 @@ class ConfigError(ValueError):
     """A config problem found before any model is built; the message is one line naming file and key."""
 
 
-def _model_and_diffusion_defaults() -> dict[str, Any]:
-    from guided_diffusion.script_util import model_and_diffusion_defaults
+def _model_and_diffusion_defaults(dit: bool = False) -> dict[str, Any]:
+    from guided_diffusion.script_util import dit_model_and_diffusion_defaults, model_and_diffusion_defaults
 
-    return model_and_diffusion_defaults()
+    return dit_model_and_diffusion_defaults() if dit else model_and_diffusion_defaults()
 
 
-def section_defaults(kind: str) -> dict[str, Any]:
-    """Defaults of a section kind: "flat" (baseline/sample/student) or "teacher"; the keys are the schema."""
-    defaults = dict(_model_and_diffusion_defaults())
+def section_defaults(kind: str, dit: bool = False) -> dict[str, Any]:
+    """Defaults of a section kind: "flat" (baseline/sample/student) or "teacher"; the keys are the schema.
+    `dit`: the section's network is a DiT (its arch keys instead of the UNet's)."""
+    defaults = dict(_model_and_diffusion_defaults(dit))
     defaults.update(SAMPLING_DEFAULTS)
     if kind == "flat":
         defaults.update(TRAINING_DEFAULTS)
@@ -302,31 +312,78 @@ def _check_ema_rates(value: str, source: str, where: str) -> None:
 
 
 def _check_architecture(section: dict[str, Any], source: str, where: str) -> None:
-    """Build the section's UNet on the meta device (no memory): a shape problem (channel_mult,
-    attention_resolutions, num_head_channels, ...) surfaces now, naming the file, not after a run dir exists.
-    Attention is also required to land on a level the UNet has."""
-    from guided_diffusion.script_util import (
-        create_model,
-        parse_attention_resolutions,
-        parse_channel_mult,
-    )
+    """Build the section's network on the meta device (no memory): a shape problem (channel_mult,
+    attention_resolutions, num_head_channels, a patch size that does not tile the image, ...) surfaces now,
+    naming the file, not after a run dir exists. UNet attention must land on a level the UNet has."""
+    from guided_diffusion.script_util import is_dit_section
+
+    try:
+        if is_dit_section(section):
+            _check_dit(section)
+        else:
+            _check_unet(section)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{source}: model in {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_unet(section: dict[str, Any]) -> None:
+    from guided_diffusion.script_util import create_model, parse_attention_resolutions, parse_channel_mult
 
     accepted = inspect.signature(create_model).parameters
     kwargs = {key: section[key] for key in accepted if key in section}
-    try:
-        mult = parse_channel_mult(section["channel_mult"], section["image_size"])
-        rates = parse_attention_resolutions(section["attention_resolutions"], section["image_size"])
-        levels = {2**level for level in range(len(mult))}
-        missing = [section["image_size"] // rate for rate in rates if rate not in levels]
-        if missing:
-            raise ValueError(
-                f"attention_resolutions {section['attention_resolutions']!r}: the UNet has no "
-                f"{missing[0]}px level (levels {sorted(section['image_size'] // r for r in levels)})"
+    mult = parse_channel_mult(section["channel_mult"], section["image_size"])
+    rates = parse_attention_resolutions(section["attention_resolutions"], section["image_size"])
+    levels = {2**level for level in range(len(mult))}
+    missing = [section["image_size"] // rate for rate in rates if rate not in levels]
+    if missing:
+        raise ValueError(
+            f"attention_resolutions {section['attention_resolutions']!r}: the UNet has no "
+            f"{missing[0]}px level (levels {sorted(section['image_size'] // r for r in levels)})"
+        )
+    with torch.device("meta"):
+        create_model(**kwargs)
+
+
+def _check_dit(section: dict[str, Any]) -> None:
+    from guided_diffusion.dit import DIT_CONFIGS
+    from guided_diffusion.script_util import create_dit_model
+
+    name = section["model_name"]
+    if name not in DIT_CONFIGS and name != CUSTOM_DIT:
+        raise ValueError(f"unknown model_name {name!r} (one of {', '.join(DIT_CONFIGS)} or {CUSTOM_DIT})")
+    if section["in_channels"] != 3:
+        raise ValueError(
+            f"in_channels {section['in_channels']}: the DiT defaults are the authors' latent-space ones; "
+            "this project works on RGB pixels, set in_channels: 3"
+        )
+    accepted = inspect.signature(create_dit_model).parameters
+    kwargs = {key: section[key] for key in accepted if key in section}
+    with torch.device("meta"):
+        create_dit_model(input_size=section["image_size"], use_class=section["class_cond"], **kwargs)
+
+
+def _check_dit_keys(given: Mapping[str, Any], source: str, where: str) -> None:
+    """A DiT section's explicit keys: no UNet-only key, and with a named model no size that contradicts it
+    (the name fixes patch_size, hidden_size, depth and num_heads)."""
+    from guided_diffusion.dit import DIT_CONFIGS
+    from guided_diffusion.script_util import dit_model_and_diffusion_defaults, model_and_diffusion_defaults
+
+    unet_only = set(model_and_diffusion_defaults()) - set(dit_model_and_diffusion_defaults())
+    for key in given:
+        if key in unet_only:
+            raise ConfigError(
+                f"{source}: key '{key}' in {where} is a UNet setting; a DiT (model_name "
+                f"{given['model_name']!r}) does not take it"
             )
-        with torch.device("meta"):
-            create_model(**kwargs)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{source}: model in {where}: {str(exc).splitlines()[0]}") from None
+    name = given["model_name"]
+    if name in DIT_CONFIGS:
+        sizes = dict(zip(("depth", "hidden_size", "patch_size", "num_heads"), DIT_CONFIGS[name], strict=True))
+        for key in DIT_SIZE_KEYS:
+            if key in given and given[key] != sizes[key]:
+                raise ConfigError(
+                    f"{source}: {key} {given[key]} in {where} contradicts model_name {name} ({key} "
+                    f"{sizes[key]}); drop it, or set model_name: {CUSTOM_DIT}"
+                )
 
 
 def _check_respacing(section: dict[str, Any], source: str, where: str) -> None:
@@ -366,11 +423,25 @@ def _apply_aliases(raw: dict[str, Any], source: str, where: str) -> dict[str, An
 def _resolve_section(
     raw: dict[str, Any], kind: str, source: str, where: str, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Merge arch file < diffusion file < section keys < overrides, fill defaults, validate."""
+    """Merge arch file < diffusion file < section keys < overrides, fill defaults, validate. A section
+    whose arch file or own keys name a `model_name` is a DiT and gets the DiT's schema."""
     if kind == "teacher":
         raw = _apply_aliases(raw, source, where)
-    defaults = section_defaults(kind)
+    files: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path_key in PATH_KEYS:
+        if path_key in raw:
+            if not isinstance(raw[path_key], str):
+                raise ConfigError(
+                    f"{source}: key '{path_key}' in {where} must be a file path, got {raw[path_key]!r}"
+                )
+            path = check_file_exists(raw[path_key], f"{source}: {path_key} file of {where}")
+            files[path_key] = (path, _read_yaml(path))
+    explicit = {**{k: v for _, keys in files.values() for k, v in keys.items()}, **raw, **(overrides or {})}
+    dit = bool(explicit.get("model_name"))
+    defaults = section_defaults(kind, dit=dit)
     valid = sorted([*defaults, *PATH_KEYS])
+    if dit:
+        _check_dit_keys(explicit, source, where)
     _check_keys(raw, valid, source, where)
     own = {key: _coerce(key, value, defaults.get(key), source, where) for key, value in raw.items()}
     if overrides:
@@ -383,12 +454,7 @@ def _resolve_section(
         )
 
     merged: dict[str, Any] = {}
-    for path_key in PATH_KEYS:
-        if path_key not in own:
-            continue
-        what = f"{source}: {path_key} file of {where}"
-        path = check_file_exists(own[path_key], what)
-        file_keys = _read_yaml(path)
+    for path_key, (path, file_keys) in files.items():
         _check_keys(file_keys, sorted(defaults), str(path), where)
         merged.update({k: _coerce(k, v, defaults[k], str(path), where) for k, v in file_keys.items()})
         own[path_key] = str(path)
@@ -459,8 +525,11 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 
 
 def model_and_diffusion_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
-    """Exactly the `create_model_and_diffusion` arguments of a resolved section."""
-    keys = _model_and_diffusion_defaults()
+    """Exactly the factory arguments of a resolved section: `create_model_and_diffusion`'s, or
+    `create_dit_model_and_diffusion`'s for a DiT section (script_util.create_any_model_and_diffusion)."""
+    from guided_diffusion.script_util import architecture_defaults
+
+    keys = architecture_defaults(section)
     missing = [key for key in keys if key not in section]
     if missing:
         raise ConfigError(f"section lacks model/diffusion keys {missing}; was it made by load_config?")

@@ -18,7 +18,7 @@ from . import dist_util, logger
 from .config import SOURCE_KEY, model_and_diffusion_kwargs, primary_section, save_config, validate_world_size
 from .infra.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load, unwrap_state_dict
 from .infra.run_lock import claim_run_dir
-from .script_util import create_model_and_diffusion
+from .script_util import create_any_model_and_diffusion
 
 EXPERIMENTS_DIR = "experiments"
 TRAINING_KINDS = ("train", "kd", "step_distill")  # runs that write checkpoints (and so may not overwrite any)
@@ -105,8 +105,8 @@ def claim_and_configure(
 def build_model_and_diffusion(
     section: Mapping[str, Any], device: torch.device | str
 ) -> tuple[torch.nn.Module, Any]:
-    """The UNet (moved to `device`) and diffusion described by a resolved config section."""
-    model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(section))
+    """The network (UNet or DiT, moved to `device`) and diffusion described by a resolved config section."""
+    model, diffusion = create_any_model_and_diffusion(**model_and_diffusion_kwargs(section))
     return model.to(device), diffusion
 
 

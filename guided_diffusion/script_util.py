@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .dit import DiT
     from .respace import SpacedDiffusion
     from .unet import UNetModel
 
@@ -118,6 +119,116 @@ def create_model_and_diffusion(
         timestep_respacing=timestep_respacing,
     )
     return model, diffusion
+
+
+def dit_model_and_diffusion_defaults() -> dict[str, Any]:
+    """The DKDM authors' DiT plus diffusion defaults: latent-space sizes (in_channels 4, DiT-XL widths), so
+    pixel-space configs set in_channels 3. As theirs, the diffusion defaults come last (learn_sigma False)."""
+    res = dict(
+        image_size=64,
+        class_cond=False,
+        model_name="DiT-S/2",
+        patch_size=2,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        in_channels=4,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        use_fp16=False,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def create_dit_model_and_diffusion(
+    image_size: int,
+    class_cond: bool,
+    diffusion_steps: int,
+    noise_schedule: str,
+    use_kl: bool,
+    predict_xstart: bool,
+    rescale_timesteps: bool,
+    rescale_learned_sigmas: bool,
+    timestep_respacing: str | Sequence[int],
+    model_name: str = "DiT-S/2",
+    patch_size: int = 2,
+    hidden_size: int = 1152,
+    depth: int = 28,
+    num_heads: int = 16,
+    in_channels: int = 4,
+    mlp_ratio: float = 4.0,
+    class_dropout_prob: float = 0.1,
+    num_classes: int = 1000,
+    learn_sigma: bool = True,
+    use_fp16: bool = False,
+    use_class: bool = False,
+    kd: bool = False,
+    **unet_keys: Any,
+) -> tuple[DiT, SpacedDiffusion]:
+    """(DiT, SpacedDiffusion) with the DKDM authors' signature. As in theirs, `class_cond` (not `use_class`)
+    decides the label embedding, and `kd` and the UNet keys (`num_channels`, `dropout`, ...) are accepted and
+    ignored: every diffusion here has the KD objective."""
+    del use_class, kd, unet_keys
+    model = create_dit_model(
+        model_name=model_name, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
+        num_heads=num_heads, input_size=image_size, in_channels=in_channels, mlp_ratio=mlp_ratio,
+        class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+        use_class=class_cond, use_fp16=use_fp16,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
+        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_dit_model(
+    model_name: str = "DiT-S/2",
+    patch_size: int = 2,
+    hidden_size: int = 1152,
+    depth: int = 28,
+    num_heads: int = 16,
+    input_size: int = 32,
+    in_channels: int = 4,
+    mlp_ratio: float = 4.0,
+    class_dropout_prob: float = 0.1,
+    num_classes: int = 1000,
+    learn_sigma: bool = True,
+    use_class: bool = False,
+    use_fp16: bool = False,
+) -> DiT:
+    """A DiT of the paper's grid ("DiT-S/2" ... "DiT-XL/8", whose sizes override the four size arguments)
+    or, for any other `model_name` (the authors write "custom"), of the given patch/width/depth/heads."""
+    from .dit import DIT_CONFIGS, DiT
+
+    if model_name in DIT_CONFIGS:
+        depth, hidden_size, patch_size, num_heads = DIT_CONFIGS[model_name]
+    return DiT(
+        input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+        num_classes=num_classes, learn_sigma=learn_sigma, use_class=use_class, use_fp16=use_fp16,
+    )
+
+
+def is_dit_section(section: Mapping[str, Any]) -> bool:
+    """True when a config section (or factory kwargs) describes a DiT: it has a non-empty `model_name`."""
+    return bool(section.get("model_name"))
+
+
+def architecture_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The factory keys and defaults of the section's family: the DiT's when it names `model_name`."""
+    return dit_model_and_diffusion_defaults() if is_dit_section(section) else model_and_diffusion_defaults()
+
+
+def create_any_model_and_diffusion(**kwargs: Any) -> tuple[Any, SpacedDiffusion]:
+    """`create_dit_model_and_diffusion` for DiT kwargs (a `model_name`), else `create_model_and_diffusion`."""
+    if is_dit_section(kwargs):
+        return create_dit_model_and_diffusion(**kwargs)
+    return create_model_and_diffusion(**kwargs)
 
 
 def parse_channel_mult(channel_mult: str | Sequence[float], image_size: int) -> tuple[float, ...]:

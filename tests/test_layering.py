@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "guided_diffusion"
 CORE = {
-    "unet", "gaussian_diffusion", "respace", "script_util", "nn", "losses", "train_util", "logger",
+    "unet", "dit", "gaussian_diffusion", "respace", "script_util", "nn", "losses", "train_util", "logger",
     "dist_util", "resample", "image_datasets", "sampling", "config", "model_cost", "ddpm_unet",
     "ddpm_diffusion",
 }

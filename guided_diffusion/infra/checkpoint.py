@@ -164,28 +164,35 @@ def _head(items: Sequence[str]) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _arch_shapes(arch_file: str, mtime: float, learn_sigma: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Key/shape signature of the UNet an arch YAML describes, built on the meta device (no memory)."""
+    """Key/shape signature of the network (UNet, or DiT for a `model_name`) an arch YAML describes, built on
+    the meta device (no memory)."""
     from omegaconf import OmegaConf
 
-    from ..script_util import create_model, model_and_diffusion_defaults
+    from ..script_util import architecture_defaults, create_dit_model, create_model
 
     values = OmegaConf.to_container(OmegaConf.load(arch_file), resolve=True)
     if not isinstance(values, dict):
         raise CheckpointError(f"arch file {arch_file} does not hold a mapping")
-    kwargs = model_and_diffusion_defaults()
+    kwargs = architecture_defaults(values)
     kwargs.update(values)
-    kwargs.update(learn_sigma=learn_sigma, use_fp16=False, use_checkpoint=False)
-    accepted = inspect.signature(create_model).parameters
+    kwargs.update(learn_sigma=learn_sigma, use_fp16=False)
+    if "model_name" in kwargs:
+        kwargs.update(input_size=kwargs["image_size"], use_class=kwargs["class_cond"])
+        factory: Any = create_dit_model
+    else:
+        kwargs.update(use_checkpoint=False)
+        factory = create_model
+    accepted = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     with torch.device("meta"):
-        model = create_model(**kwargs)
+        model = factory(**kwargs)
     return tuple(_shapes(model.state_dict()).items())
 
 
 def suggest_arch(state_dict: Mapping[str, Any], arch_dir: PathLike | None = None) -> list[str]:
-    """Arch files (with the learn_sigma setting) whose UNet has exactly the keys and shapes of `state_dict`:
-    `yaml/arch/*.yaml` and the data sets' own `yaml/*/arch/*.yaml` (e.g. the shipped digits teacher's), or the
-    YAMLs in `arch_dir`; archs that cannot be built are skipped."""
+    """Arch files (with the learn_sigma setting) whose network (UNet or DiT) has exactly the keys and shapes
+    of `state_dict`: `yaml/arch/*.yaml` and the data sets' own `yaml/*/arch/*.yaml` (e.g. the shipped digits
+    teacher's), or the YAMLs in `arch_dir`; archs that cannot be built are skipped."""
     if arch_dir is not None:
         files = sorted(Path(arch_dir).glob("*.yaml"))
     else:
