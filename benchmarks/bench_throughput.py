@@ -81,13 +81,13 @@ CASES = {
         Case("kd57", "kd", "57M", 128, 4, teacher="57M"),
         Case("train14", "train", "14M", 128, 4),
         Case("train57", "train", "57M", 128, 4),
-        Case("kd_dit_s2", "kd", "DiT-S/2", 128, 4, teacher="57M"),
-        Case("kd_dit_b2", "kd", "DiT-B/2", 128, 4, teacher="57M"),
-        Case("train_dit_s2", "train", "DiT-S/2", 128, 4),
-        Case("train_dit_b2", "train", "DiT-B/2", 128, 4),
         Case("sample14", "sample", "14M", 2500, 8),
         Case("sample57", "sample", "57M", 2500, 8),
         Case("prepare57", "prepare", "57M", 3072, 16),
+        Case("kd_dit_s2", "kd", "DiT-S/2", 128, 4, teacher="57M"),  # the 57M UNet teacher into DiTs
+        Case("kd_dit_b2", "kd", "DiT-B/2", 128, 4, teacher="57M"),
+        Case("train_dit_s2", "train", "DiT-S/2", 128, 4),
+        Case("train_dit_b2", "train", "DiT-B/2", 128, 4),
     )
 }
 

@@ -17,7 +17,8 @@ def test_tiny_benchmark_runs_all_cases_in_both_modes(repo_root, tmp_path):
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
-    names = ["kd14", "kd57", "train14", "train57", "sample14", "sample57", "prepare57"]
+    names = ["kd14", "kd57", "train14", "train57", "sample14", "sample57", "prepare57",
+             "kd_dit_s2", "kd_dit_b2", "train_dit_s2", "train_dit_b2"]
     expected = [(n, m) for n in names for m in ("baseline", "optimized")]
     assert [(r["case"], r["mode"]) for r in rows] == expected
     for r in rows:
@@ -28,6 +29,9 @@ def test_tiny_benchmark_runs_all_cases_in_both_modes(repo_root, tmp_path):
     # kd = student fwd/bwd (3 forwards) + one teacher forward; the tiny "57M" is the larger arch
     assert flops["kd57", "baseline"] > flops["train57", "baseline"] > flops["train14", "baseline"]
     assert flops["kd14", "optimized"] == flops["kd14", "baseline"]
+    # a DiT student under the same UNet teacher: the teacher's forward is the same share of both kd cases
+    assert flops["kd_dit_s2", "baseline"] - flops["train_dit_s2", "baseline"] == pytest.approx(
+        flops["kd57", "baseline"] - flops["train57", "baseline"])
     assert proc.stdout.count("| kd14 |") == 2 and "| prepare57 | optimized |" in proc.stdout
 
 

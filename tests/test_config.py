@@ -21,7 +21,7 @@ from guided_diffusion.config import (
     save_config,
     validate_world_size,
 )
-from guided_diffusion.script_util import model_and_diffusion_defaults
+from guided_diffusion.script_util import architecture_defaults, model_and_diffusion_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO.parent / "shared" / "reference" / "published_configs.md"
@@ -89,7 +89,7 @@ def test_published_file_matches(rel: str) -> None:
 def test_every_yaml_loads(rel: str) -> None:
     cfg = load_config(rel)
     section = primary_section(cfg)
-    assert set(model_and_diffusion_kwargs(section)) == set(model_and_diffusion_defaults())
+    assert set(model_and_diffusion_kwargs(section)) == set(architecture_defaults(section))
     if is_kd_config(cfg):
         assert cfg.teacher.iter_choice in config_mod.CHOICES["iter_choice"]
 
