@@ -137,7 +137,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        with full_precision(c):  # the conditioning projections stay float32 under autocast, as the UNet's
+            modulation = self.adaLN_modulation(c.float())
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=1)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
@@ -161,8 +163,9 @@ class DiT(nn.Module):
 
     Output channels are 2 * in_channels with `learn_sigma` (eps and the variance interpolation, as the ADM
     UNet), else in_channels. `use_class` adds a label embedding of `num_classes` classes. `use_fp16` is
-    accepted for config compatibility; weights stay float32 (mixed precision uses autocast), and the time
-    embedding and the output layer run in float32 under autocast, as the UNet's do.
+    accepted for config compatibility; weights stay float32 (mixed precision uses autocast); under autocast
+    the time embedding, the blocks' adaLN projections and the output layer run in float32, as the UNet's
+    time embedding, embedding projections and output head do, and attention and MLPs in half precision.
     """
 
     def __init__(

@@ -98,6 +98,25 @@ def test_fresh_dit_outputs_zero_and_returns_features_of_the_contract():
     assert torch.equal(model.token_map(after_one)[:, :, 1, 2], after_one[:, 1 * 4 + 2])
 
 
+def test_autocast_halves_attention_and_mlp_but_keeps_conditioning_and_output_float32():
+    model = create_dit_model("custom", 4, 32, 2, 2, input_size=16, in_channels=3)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    seen: dict[str, torch.dtype] = {}
+    for name, module in (("t_embedder", model.t_embedder), ("adaLN", model.blocks[1].adaLN_modulation),
+                         ("qkv", model.blocks[1].attn.qkv), ("fc2", model.blocks[1].mlp.fc2),
+                         ("final", model.final_layer)):
+        module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out.dtype))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 999])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x, t)
+    assert seen == {"t_embedder": torch.float32, "adaLN": torch.float32, "qkv": torch.bfloat16,
+                    "fc2": torch.bfloat16, "final": torch.float32}
+    assert y.dtype == torch.float32
+    # bf16 attention and MLPs: a few percent of the output's scale, far from a wrong result
+    assert ((y - model(x, t)).norm() / y.norm()).item() < 0.05
+
+
 def test_unpatchify_inverts_the_patch_layout():
     model = create_dit_model("custom", 2, 16, 1, 2, input_size=4, in_channels=3, learn_sigma=False)
     img = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
@@ -260,6 +279,37 @@ def test_image_sample_from_a_dit_student_writes_the_adm_npz(dit_files, tmp_path)
     with np.load(out / "samples_6x16x16x3.npz") as data:
         assert data["arr_0"].shape == (6, 16, 16, 3) and data["arr_0"].dtype == np.uint8
     assert (out / "samples_grid.png").is_file()
+
+
+def test_image_train_and_step_distill_take_a_dit(tmp_path):
+    data = tmp_path / "images.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, arr_0=rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), arr_1=np.arange(16) % 10)
+    flat = tmp_path / "dit_train.yaml"
+    baseline = OmegaConf.to_container(OmegaConf.load(REPO / "tests" / "configs" / "tiny_baseline.yaml"))
+    OmegaConf.save(OmegaConf.create({**baseline, "model": str(TINY_DIT), "data_dir": str(data)}), flat)
+    run = tmp_path / "train"
+    _run(["scripts/image_train.py", "--config", str(flat), "--max_steps", "2", "--save_interval", "2",
+          "--exp_dir", str(run)])
+    trained = torch.load(run / "model000002.pt", weights_only=True)
+    assert "blocks.1.attn.qkv.weight" in trained and "pos_embed" in trained
+    # PD on the DiT just trained as its teacher: the student starts as a copy of it
+    teacher = tmp_path / "teacher.pt"
+    torch.save(trained, teacher)
+    pd = tmp_path / "pd.yaml"
+    sections = {
+        "teacher": {"model_path": str(teacher), "timestep_respacing": "trailing4", "model": str(TINY_DIT),
+                    "diffusion": "tests/configs/tiny_diffusion.yaml"},
+        "student": {"timestep_respacing": "trailing2", "data_dir": str(data), "batch_size": 4,
+                    "max_steps": 2, "save_interval": 2, "model": str(TINY_DIT),
+                    "diffusion": "tests/configs/tiny_diffusion.yaml"},
+        "step_distill": {},
+    }
+    OmegaConf.save(OmegaConf.create(sections), pd)
+    _run(["scripts/step_distill.py", "--config", str(pd), "--exp_dir", str(tmp_path / "pd")])
+    student = torch.load(tmp_path / "pd" / "model000002.pt", weights_only=True)
+    assert student.keys() == trained.keys()
+    assert any(not torch.equal(student[k], trained[k]) for k in trained)
 
 
 def test_tccd_reads_the_dit_feature_tap(dit_files, tmp_path):
