@@ -385,3 +385,29 @@ def test_padded_call_sizes_halve_the_full_size_in_multiples_of_eight():
     assert padded_call_sizes(20) == [20, 16, 8]
     assert padded_call_sizes(8) == [8]
     assert padded_call_sizes(1280, count=1) == [1280]
+
+
+def test_a_dynamic_pool_from_a_larger_cache_warns_once_and_the_shuffled_one_stays_silent(
+    teacher_and_diffusion, prepared_state, tmp_path, monkeypatch
+):
+    """Issue 32: a dynamic run given a cache of 4x its pool trains on its prefix, as the authors' code does,
+    but says so once (file, count held, count used); the shuffled mode reads a prefix by design."""
+    from guided_diffusion import logger
+
+    warnings: list[str] = []
+    monkeypatch.setattr(logger, "warn", lambda *args: warnings.append(" ".join(map(str, args))))
+    saved = {k: np.asarray(prepared_state[0][k]) for k in ("total_t", "total_x_t_1")}
+    big = tmp_path / "big.cache"
+    save_cache(big, np.concatenate([saved["total_t"]] * 4), np.concatenate([saved["total_x_t_1"]] * 4))
+    make_pool(teacher_and_diffusion).load_slice(str(big))
+    n = len(saved["total_t"])
+    assert warnings == [
+        f"{big} holds {4 * n} items and this run's dynamic pool uses the first {n} (1 rank(s) x {n}); "
+        "was it made for another BATCH (rho) or batch?"
+    ]
+    make_pool(teacher_and_diffusion, iter_choice=SHUFFLED).load_slice(str(big))
+    exact = tmp_path / "exact.cache"
+    save_cache(exact, saved["total_t"], saved["total_x_t_1"])
+    make_pool(teacher_and_diffusion).load_slice(str(exact))
+    make_pool(teacher_and_diffusion, rank=1, world_size=2).load_slice(str(big))  # rank 1 leaves it to rank 0
+    assert len(warnings) == 1

@@ -118,30 +118,55 @@ def test_claiming_a_dir_removes_a_killed_writers_temp_files(tmp_path):
     release_run_dir(str(run_dir))
 
 
-def test_writing_a_pool_cache_removes_only_its_own_stale_temp_files(tmp_path):
-    """Issue 19: a kill during a pool write left `.X.cache.*.tmp` in the shared cache folder. The next
-    write of that cache removes its own temp files once they are old; a fresh one (a live writer's) and
-    other files' temp files stay."""
-    import time
-
+def _small_pool():
     import numpy as np
 
-    from guided_diffusion.distill.dkdm.pool import STALE_TEMP_AGE_S, DynamicBatch
-
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    old = cache / ".pool.cache.dead01.tmp"
-    fresh = cache / ".pool.cache.live02.tmp"
-    other = cache / ".other.cache.dead03.tmp"
-    for path in (old, fresh, other):
-        path.write_bytes(b"partial")
-    past = time.time() - 2 * STALE_TEMP_AGE_S
-    for path in (old, other):
-        os.utime(path, (past, past))
+    from guided_diffusion.distill.dkdm.pool import DynamicBatch
     from guided_diffusion.script_util import create_gaussian_diffusion
 
     diffusion = create_gaussian_diffusion(steps=4, noise_schedule="cosine")
     pool = DynamicBatch(None, diffusion, batch_size=2, image_shape=(3, 4, 4), rho=0.5, device="cpu")
     pool.load_arrays(np.ones(pool.size, dtype=np.int64), np.zeros((pool.size, 3, 4, 4), dtype=np.float32))
-    pool.save(str(cache / "pool.cache"))
-    assert sorted(p.name for p in cache.iterdir()) == sorted([fresh.name, other.name, "pool.cache"])
+    return pool
+
+
+def test_writing_a_pool_cache_removes_its_dead_writers_temp_files_at_once(tmp_path):
+    """Issue 19/32: a kill during a pool write left `.X.cache.*.tmp` in the shared cache folder. The next
+    writer of that cache holds `X.cache.lock`; with the lock free no one else is writing X, so X's temp
+    files go at once, however fresh; other files' temp files stay."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = cache / ".pool.cache.dead01.tmp"
+    other = cache / ".other.cache.dead03.tmp"
+    for path in (dead, other):
+        path.write_bytes(b"partial")
+    _small_pool().save(str(cache / "pool.cache"))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([other.name, "pool.cache", "pool.cache.lock"])
+    assert (cache / "pool.cache.lock").read_text() == ""  # released: no owner recorded
+
+
+def test_a_live_writers_temp_file_is_kept_and_waited_for(tmp_path):
+    """While another process holds the cache's writer lock (its pid recorded), its temp file is in use: the
+    second writer neither deletes it nor writes the cache until the lock is free."""
+    import fcntl
+    import threading
+    import time
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    live = cache / ".pool.cache.live02.tmp"
+    live.write_bytes(b"being written")
+    holder = open(cache / "pool.cache.lock", "a+")  # another open file: flock conflicts as between processes
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("pid 4242 on elsewhere\n")
+    holder.flush()
+    writer = threading.Thread(target=_small_pool().save, args=(str(cache / "pool.cache"),))
+    writer.start()
+    time.sleep(1.0)
+    assert live.exists() and not (cache / "pool.cache").exists() and writer.is_alive()
+    live.rename(cache / "pool.cache")  # the live writer finishes its write as atomic_write does
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    writer.join(timeout=30)
+    assert not writer.is_alive()
+    assert sorted(p.name for p in cache.iterdir()) == ["pool.cache", "pool.cache.lock"]

@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import re
-import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,20 +38,17 @@ class CheckpointMismatchError(CheckpointError):
     """A state dict's keys or shapes do not match the model it is loaded into."""
 
 
-def remove_stale_temp_files(run_dir: PathLike, target: str = "", min_age_s: float = 0.0) -> list[str]:
+def remove_stale_temp_files(run_dir: PathLike, target: str = "") -> list[str]:
     """Delete temp files a killed writer left in `run_dir`; return the names removed. In a run dir (only
     its owner writes there) every temp file is stale. In a folder other runs share (the pool caches),
-    pass the file about to be written as `target` and `min_age_s`: only that file's temp files untouched
-    for that long go, so another process's write in progress is never deleted."""
+    pass the file about to be written as `target`: only its temp files go, and only its writer lock's
+    holder may call this (run_lock.shared_file_writer), so no write in progress is deleted."""
     run_dir = os.fspath(run_dir)
     prefix = f".{os.path.basename(target)}." if target else ""
-    now = time.time()
     removed = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         full = os.path.join(run_dir, name)
         if not (_TEMP_RE.match(name) and name.startswith(prefix) and os.path.isfile(full)):
-            continue
-        if min_age_s and now - os.path.getmtime(full) < min_age_s:
             continue
         os.unlink(full)
         removed.append(name)

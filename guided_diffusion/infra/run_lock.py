@@ -3,16 +3,21 @@
 The lock is an advisory `flock` on `<run_dir>/.run.lock`; the operating system drops it when the process ends
 however it ends, so a killed run never blocks its own resume. A second process (a duplicate launch, a requeued
 job while the first still runs) is refused instead of interleaving checkpoints or deleting in-flight files.
+Files that several runs share (the pool caches) get a lock of their own while one of them writes
+(`shared_file_writer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import os
 import socket
+from collections.abc import Iterator
 from typing import IO
 
+from .. import logger
 from .checkpoint import remove_stale_temp_files
 
 LOCK_NAME = ".run.lock"
@@ -68,3 +73,31 @@ def release_run_dir(run_dir: str) -> None:
     handle = _held.pop(os.path.abspath(run_dir), None)
     if handle is not None:
         handle.close()
+
+
+@contextlib.contextmanager
+def shared_file_writer(path: str) -> Iterator[None]:
+    """Hold `<path>.lock` (an flock recording host and pid) while this process writes `path`, a file other
+    runs may write too. Another live writer of `path` is waited for; once the lock is ours no process can be
+    writing `path`, so every temp file of it in the folder is a killed writer's and goes at once, whatever
+    its age. The lock file stays (deleting an flocked file lets a third process lock a different inode)."""
+    path = os.path.abspath(path)
+    with open(f"{path}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            logger.log(f"waiting for {owner}, which is writing {path}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            remove_stale_temp_files(os.path.dirname(path), path)
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ... import logger
-from ...infra.checkpoint import remove_stale_temp_files
 from ...infra.mixed_precision import autocast_context
+from ...infra.run_lock import shared_file_writer
 from .cache import CacheError, load_cache, save_cache, validate_cache
 
 DYNAMIC = "dynamic_iterative_distillation"
@@ -30,7 +30,6 @@ SHUFFLED = "shuffled_iterative_distillation"
 ITERATIVE = "iterative_distillation"
 MODES = (DYNAMIC, SHUFFLED, ITERATIVE)
 
-STALE_TEMP_AGE_S = 600.0  # a pool cache's temp file untouched this long is a killed writer's
 _GATHER_CHUNK = 4096  # items per collective when gathering a pool to rank 0
 _GPU_MARGIN_BYTES = 2 << 30  # free GPU memory left untouched when placing the pool
 PADDED_CALL_SIZES = 4  # the preparation's padded calls take the full size or one of its 3 halvings
@@ -291,7 +290,9 @@ class DynamicBatch:
 
     def load_slice(self, path: str, exact: bool = False) -> None:
         """Take this rank's slice [rank*N, (rank+1)*N) of a cache file holding at least world_size*N items
-        (exactly that many with `exact`, as a resumed pool must: a prefix of it would silently drop items)."""
+        (exactly that many with `exact`, as a resumed pool must: a prefix of it would silently drop items).
+        A dynamic pool read from a larger cache (another rho or batch) trains on a prefix, as the authors'
+        code does, with one warning naming both counts; the shuffled mode reads a prefix by design."""
         arrays = load_cache(path, T=self.T)
         need = self.world_size * self.size
         have = arrays["total_t"].shape[0]
@@ -304,6 +305,11 @@ class DynamicBatch:
             raise CacheError(
                 f"{path}: holds {have} items but {self.world_size} rank(s) x {self.size} per rank = {need} "
                 f"are needed ({self.iter_choice}, batch {self.batch_size}); prepare a new cache or fix BATCH"
+            )
+        if have > need and self.iter_choice == DYNAMIC and self.rank == 0:
+            logger.warn(
+                f"{path} holds {have} items and this run's dynamic pool uses the first {need} "
+                f"({self.world_size} rank(s) x {self.size}); was it made for another BATCH (rho) or batch?"
             )
         lo, hi = self.rank * self.size, (self.rank + 1) * self.size
         self.load_arrays(arrays["total_t"][lo:hi], arrays["total_x_t_1"][lo:hi], source=path)
@@ -418,8 +424,8 @@ class DynamicBatch:
         self._require_pool()
         gathered = gather_to_rank0(self.total_t, self.total_x, self.rank, self.world_size)
         if gathered is not None:
-            remove_stale_temp_files(os.path.dirname(os.path.abspath(path)), path, STALE_TEMP_AGE_S)
-            save_cache(path, *gathered, checksum=checksum)
+            with shared_file_writer(path):
+                save_cache(path, *gathered, checksum=checksum)
             logger.log(f"dynamic batch: wrote {gathered[0].shape[0]} items to {path}")
         if _dist_active(self.world_size):
             dist.barrier()
