@@ -57,7 +57,7 @@ DDIM_GRIDS = ("ddim", "trailing")  # respacings sampled with DDIM (eta 0)
 RDD_CONFIG_DIR = "yaml/digits_16/exp/rdd"
 EMA_CHOICES = (0.9999, 0.999, 0.995, 0.99, 0.9)
 # settings that must agree across calls writing into the same DIR (rows are compared with each other)
-SHARED_SETTINGS = ("steps", "num_samples", "seed", "respacing", "ema_rate", "batch_size")
+SHARED_SETTINGS = ("steps", "num_samples", "seed", "respacing", "ema_rate", "batch_size", "lr")
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "# Digits benchmark results",
         "",
         f"Device: {s.get('device_name', s.get('device'))}. Seed {s['seed']}, {s['steps']} training steps per "
-        f"method, batch {s['batch_size'] or 'as in the YAML'}, EMA {s['ema_rate']}, {s['num_samples']} "
+        f"method, batch {s['batch_size'] or 'as in the YAML'}, lr {s.get('lr') or 'as in the YAML'}, "
+        f"EMA {s['ema_rate']}, {s['num_samples']} "
         f"samples per evaluation, {s['respacing']} sampling steps unless noted; digits-FID, precision, recall"
         " against the reference split in the feature space of model/digits32_features.pt.",
         "",
@@ -377,6 +378,7 @@ class DigitsBenchmark:
             "respacing": args.respacing,
             "ema_rate": args.ema_rate,
             "batch_size": args.batch_size,
+            "lr": args.lr,
             "eval_every": args.eval_every,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
@@ -730,6 +732,7 @@ class DigitsBenchmark:
             str(args.eval_every or args.steps),
             "--log_interval",
             str(max(1, min(100, args.steps // 20))),
+            *(["--lr", str(args.lr)] if args.lr else []),
         ]
         if spec.data and not spec.own_grid:
             argv += ["--data_dir", data_path]
@@ -827,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch_size", type=int, default=None, help="student batch of every method (default: YAML's)"
     )
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every method (default: YAML's)")
     p.add_argument(
         "--baseline_samples",
         type=int,
