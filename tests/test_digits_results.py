@@ -122,3 +122,38 @@ def test_bad_method_name_is_one_line_error(tmp_path, capsys):
     assert dr.main(["--out", str(tmp_path), "--steps", "1", "--methods", "dkdm,foo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown method(s) ['foo']") and "\n" not in err
+
+
+def test_merge_takes_side_by_side_runners_rows_and_grids_and_renders_the_architecture_table(tmp_path):
+    """Runners run beside each other on one GPU write their own dirs; --merge joins rows made with the same
+    settings (grids copied) into one table and refuses a dir made with other settings."""
+
+    def runner_dir(name: str, lr: float, rows: dict) -> Path:
+        folder = tmp_path / name
+        (folder / "grids").mkdir(parents=True)
+        settings = {"steps": 2, "num_samples": 8, "seed": 3, "respacing": "5", "ema_rate": "0.9",
+                    "batch_size": 4, "lr": lr}
+        for row_name, row in rows.items():
+            (folder / "grids" / f"{row_name}.png").write_bytes(b"png")
+            row.update(grid=f"grids/{row_name}.png", table=row.get("table", "arch"), status="done")
+        results = {"settings": settings, "invocations": [f"call {name}"], "artifacts": {}, "rows": rows}
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    cnn = runner_dir("cnn", 1e-3, {"dkdm": {"name": "dkdm", "label": "DKDM (data-free)", "fid": 3.0,
+                                            "table": "main"}})
+    dit = runner_dir("dit", 1e-3, {"dkdm_cnn_dit": {"name": "dkdm_cnn_dit", "label": "DKDM CNN -> DiT",
+                                                    "fid": 4.5}})
+    other = runner_dir("other", 5e-4, {"dkdm_dit_dit": {"name": "dkdm_dit_dit", "label": "x", "fid": 9.0}})
+    args = dr.parse_args(["--out", str(tmp_path / "table"), "--methods", "", "--merge", "x", *TINY, "--lr",
+                          "1e-3"])
+    bench = dr.DigitsBenchmark(args, [])
+    bench.merge([str(cnn), str(dit)])
+    assert set(bench.results["rows"]) == {"dkdm", "dkdm_cnn_dit"}
+    assert (tmp_path / "table" / "grids" / "dkdm_cnn_dit.png").read_bytes() == b"png"
+    assert bench.results["invocations"][-2:] == ["call cnn", "call dit"]
+    table = dr.render_markdown(bench.results).split("## Any architecture")[1].split("\n## ")[0]
+    assert "| DKDM CNN -> CNN | done |" in table and "| DKDM CNN -> DiT | done |" in table
+    assert table.index("CNN -> CNN") < table.index("CNN -> DiT")
+    with pytest.raises(dr.BenchError, match=r"other.*other settings \(lr\)"):
+        bench.merge([str(other)])
