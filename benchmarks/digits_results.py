@@ -46,7 +46,7 @@ from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
 
 ALL_METHODS = (
     "reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd",
-    "dit_teacher", "dkdm_cnn_dit", "dkdm_dit_cnn", "dkdm_dit_dit", "dkdm_cnn_dit_p1",
+    "dit_teacher", "dkdm_cnn_dit", "dkdm_dit_cnn", "dkdm_dit_dit",
 )
 TEACHER_YAML = "yaml/digits_16/teacher.yaml"
 DIT_TEACHER_YAML = "yaml/digits_16/dit_teacher.yaml"  # the DiT teacher of the architecture table
@@ -112,10 +112,6 @@ TRAINED: dict[str, TrainedMethod] = {
         TrainedMethod(
             "dkdm_cnn_dit", "DKDM CNN -> DiT", "scripts/image_kd.py",
             "yaml/digits_16/exp/Digits-DKDM-CNN-to-DiT.yaml", "arch", needs_pool=True,
-        ),
-        TrainedMethod(
-            "dkdm_cnn_dit_p1", "DKDM CNN -> DiT (1x1 patches)", "scripts/image_kd.py",
-            "yaml/digits_16/exp/Digits-DKDM-CNN-to-DiT-p1.yaml", "arch", needs_pool=True,
         ),
         TrainedMethod(
             "dkdm_dit_cnn", "DKDM DiT -> CNN", "scripts/image_kd.py",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,25 @@ def write_kd_yaml(path: Path, teacher_pt: Path, pool: Path, teacher: dict[str, A
             raw[section][key] = value
     OmegaConf.save(raw, path)
     return path
+
+
+# Runs scripts/image_kd.py with the argv after its first item (a folder) and saves each rank's trained student
+# there as rank<r>.pt: how the multi-rank tests compare the ranks' weights.
+DUMP_PARAMS = textwrap.dedent(
+    """
+    import runpy, sys, torch
+    from guided_diffusion import dist_util
+    from guided_diffusion.distill import loop as kd_util
+
+    out = sys.argv.pop(1)
+    original = kd_util.KDTrainLoop.run_loop
+
+    def run_and_dump(self):
+        original(self)
+        torch.save(self.model.state_dict(), f"{out}/rank{dist_util.get_rank()}.pt")
+
+    kd_util.KDTrainLoop.run_loop = run_and_dump
+    sys.argv[0] = "scripts/image_kd.py"
+    runpy.run_path("scripts/image_kd.py", run_name="__main__")
+    """
+)

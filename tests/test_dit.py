@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
+from script_env import DUMP_PARAMS, ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from guided_diffusion.config import ConfigError, load_config
 from guided_diffusion.dit import DIT_CONFIGS, DiT, sincos_position_table
@@ -345,24 +344,6 @@ def test_tccd_reads_the_dit_feature_tap(dit_files, tmp_path):
     assert {"tccd_align", "tccd_interactive"} <= set(header), header  # alignment on the DiT's middle tap
 
 
-DUMP = textwrap.dedent(
-    """
-    import runpy, sys, torch
-    from guided_diffusion import dist_util
-    from guided_diffusion.distill import loop as kd_util
-
-    out = sys.argv.pop(1)
-    original = kd_util.KDTrainLoop.run_loop
-
-    def run_and_dump(self):
-        original(self)
-        torch.save(self.model.state_dict(), f"{out}/rank{dist_util.get_rank()}.pt")
-
-    kd_util.KDTrainLoop.run_loop = run_and_dump
-    sys.argv[0] = "scripts/image_kd.py"
-    runpy.run_path("scripts/image_kd.py", run_name="__main__")
-    """
-)
 
 
 @pytest.mark.mpi
@@ -373,7 +354,7 @@ def test_two_ranks_keep_dit_parameters_identical(dit_files, tmp_path):
     config = tmp_path / "mpi.yaml"
     OmegaConf.save(raw, config)
     wrapper = tmp_path / "dump.py"
-    wrapper.write_text(DUMP)
+    wrapper.write_text(DUMP_PARAMS)
     _run([str(wrapper), str(tmp_path), "--config", str(config), "--exp_dir", str(tmp_path / "run"),
           "--max_steps", "2", "--save_interval", "2"], mpi=2, timeout=300)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

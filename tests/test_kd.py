@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from script_env import ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
+from script_env import DUMP_PARAMS, ENV, MPIEXEC, PY, REPO, write_kd_yaml, write_tiny_checkpoints
 
 from guided_diffusion import logger
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
@@ -208,24 +208,6 @@ def test_prepare_never_replaces_a_pool_of_another_size_or_mode(kd_files, tmp_pat
         assert pool.read_bytes() == before, name
 
 
-DUMP_PARAMS = textwrap.dedent(
-    """
-    import runpy, sys, torch
-    from guided_diffusion import dist_util
-    from guided_diffusion.distill import loop as kd_util
-
-    out = sys.argv.pop(1)
-    original = kd_util.KDTrainLoop.run_loop
-
-    def run_and_dump(self):
-        original(self)
-        torch.save(self.model.state_dict(), f"{out}/rank{dist_util.get_rank()}.pt")
-
-    kd_util.KDTrainLoop.run_loop = run_and_dump
-    sys.argv[0] = "scripts/image_kd.py"
-    runpy.run_path("scripts/image_kd.py", run_name="__main__")
-    """
-)
 
 
 @pytest.mark.mpi
