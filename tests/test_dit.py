@@ -24,13 +24,9 @@ from guided_diffusion.script_util import (
     dit_model_and_diffusion_defaults,
 )
 
-REFERENCE = REPO.parent / "shared" / "reference" / "dit"
+MANIFEST_ENTRIES = ["DiT-S/2@32", "DiT-S/4@32", "DiT-B/2@32", "DiT-S/2@64", "DiT-S/2@32+class10"]
 TINY_DIT = REPO / "tests" / "configs" / "tiny_dit_arch.yaml"
 torch.set_num_threads(1)
-
-
-def _manifest() -> dict:
-    return json.loads((REFERENCE / "manifest.json").read_text())
 
 
 def _reference_dit(entry: dict) -> DiT:
@@ -42,17 +38,21 @@ def _reference_dit(entry: dict) -> DiT:
         )
 
 
-@pytest.mark.parametrize("name", list(_manifest()))
-def test_state_dict_keys_order_shapes_and_size_match_the_authors(name):
-    entry = _manifest()[name]
+def test_the_manifest_lists_these_entries(reference_dir):
+    assert list(json.loads((reference_dir / "dit" / "manifest.json").read_text())) == MANIFEST_ENTRIES
+
+
+@pytest.mark.parametrize("name", MANIFEST_ENTRIES)
+def test_state_dict_keys_order_shapes_and_size_match_the_authors(name, reference_dir):
+    entry = json.loads((reference_dir / "dit" / "manifest.json").read_text())[name]
     model = _reference_dit(entry)
     assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == entry["keys"]
     assert sum(p.numel() for p in model.parameters()) == entry["params"]
 
 
 @pytest.mark.parametrize("case", ["tiny_p2_32", "tiny_p4_16_class"])
-def test_forward_reproduces_the_authors_vectors(case):
-    ref = torch.load(REFERENCE / "vectors.pt", weights_only=True)[case]
+def test_forward_reproduces_the_authors_vectors(case, reference_dir):
+    ref = torch.load(reference_dir / "dit" / "vectors.pt", weights_only=True)[case]
     cfg = ref["config"]
     model = create_dit_model(
         model_name=cfg["model_name"], patch_size=cfg["patch_size"], hidden_size=cfg["hidden_size"],
