@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import full_precision, timestep_embedding
+from .nn import check_class_labels, full_precision, timestep_embedding
 
 # name -> (depth, hidden_size, patch_size, num_heads): the DiT paper's model grid.
 DIT_CONFIGS: dict[str, tuple[int, int, int, int]] = {
@@ -254,14 +254,11 @@ class DiT(nn.Module):
         feats["middle"] the tokens after the first depth//2 blocks as a map [N, D, H/p, W/p];
         feats["down"] and feats["up"] empty (a DiT has no resolution levels).
         """
-        if (y is None) == self.use_class:
-            raise ValueError("pass y (class labels) if and only if the model is class-conditional")
+        check_class_labels(x, y, self.use_class)
         h = self.x_embedder(x) + self.pos_embed
         with full_precision(x):
             c = self.t_embedder(timesteps)
         if self.use_class:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
             c = c + self.y_embedder(y, self.training)
         middle = h
         for index, block in enumerate(self.blocks):

@@ -79,6 +79,14 @@ def full_precision(x: torch.Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
+def check_class_labels(x: torch.Tensor, y: torch.Tensor | None, conditional: bool) -> None:
+    """ValueError unless `y` is given exactly when the model is class-conditional, as one label per image."""
+    if (y is None) == conditional:
+        raise ValueError("pass y (class labels) if and only if the model is class-conditional")
+    if y is not None and y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero all parameters of `module` in place and return it (residual branches start as identity)."""
     for p in module.parameters():

@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .nn import avg_pool_nd, conv_nd, full_precision, linear, normalization, timestep_embedding, zero_module
+from .nn import (
+    avg_pool_nd,
+    check_class_labels,
+    conv_nd,
+    full_precision,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
 
 
 class TimestepBlock(nn.Module):
@@ -389,13 +398,10 @@ class UNetModel(nn.Module):
         downsample; feats["middle"] the middle-block output; feats["up"][j] the last output-block output of
         the j-th level in output order (after its upsample, if any).
         """
-        if (y is None) != (self.num_classes is None):
-            raise ValueError("pass y (class labels) if and only if the model is class-conditional")
+        check_class_labels(x, y, self.num_classes is not None)
         with full_precision(x):
             emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if y is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
             emb = emb + self.label_emb(y)
 
         skips = []

@@ -153,6 +153,8 @@ def test_class_labels_embed_and_drop_to_the_null_row_in_training():
     torch.testing.assert_close(emb(labels, train=False), emb.embedding_table.weight[[0, 7]])
     with pytest.raises(ValueError, match="class labels"):
         model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"y must have shape \(2,\), got \(3,\)"):
+        model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), y=torch.tensor([0, 1, 2]))
 
 
 def test_named_models_take_the_paper_sizes_and_custom_takes_the_arguments():
