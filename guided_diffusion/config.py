@@ -116,7 +116,6 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 
 # A DiT section names one of the paper's grid ("DiT-S/2" ... "DiT-XL/8") or this, then sets its own sizes.
 CUSTOM_DIT = "custom"
-DIT_SIZE_KEYS = ("patch_size", "hidden_size", "depth", "num_heads")
 
 # Spellings the authors' code accepts, mapped to ours.
 ALIASES: dict[str, dict[str, str]] = {
@@ -376,14 +375,12 @@ def _check_dit_keys(given: Mapping[str, Any], source: str, where: str) -> None:
                 f"{given['model_name']!r}) does not take it"
             )
     name = given["model_name"]
-    if name in DIT_CONFIGS:
-        sizes = dict(zip(("depth", "hidden_size", "patch_size", "num_heads"), DIT_CONFIGS[name], strict=True))
-        for key in DIT_SIZE_KEYS:
-            if key in given and given[key] != sizes[key]:
-                raise ConfigError(
-                    f"{source}: {key} {given[key]} in {where} contradicts model_name {name} ({key} "
-                    f"{sizes[key]}); drop it, or set model_name: {CUSTOM_DIT}"
-                )
+    for key, size in DIT_CONFIGS.get(name, {}).items():
+        if key in given and given[key] != size:
+            raise ConfigError(
+                f"{source}: {key} {given[key]} in {where} contradicts model_name {name} ({key} {size}); "
+                f"drop it, or set model_name: {CUSTOM_DIT}"
+            )
 
 
 def _check_respacing(section: dict[str, Any], source: str, where: str) -> None:

@@ -19,9 +19,9 @@ from torch import nn
 
 from .nn import check_class_labels, full_precision, timestep_embedding
 
-# name -> (depth, hidden_size, patch_size, num_heads): the DiT paper's model grid.
-DIT_CONFIGS: dict[str, tuple[int, int, int, int]] = {
-    f"DiT-{size}/{patch}": (depth, width, patch, heads)
+# name -> the sizes it fixes: the DiT paper's model grid.
+DIT_CONFIGS: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{patch}": {"depth": depth, "hidden_size": width, "patch_size": patch, "num_heads": heads}
     for size, (depth, width, heads) in {
         "XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
     }.items()
@@ -201,7 +201,7 @@ class DiT(nn.Module):
         if use_class:
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = self.x_embedder.grid_size
-        table = torch.from_numpy(sincos_position_table(hidden_size, grid)).float().unsqueeze(0)
+        table = torch.tensor(sincos_position_table(hidden_size, grid), dtype=torch.float32).unsqueeze(0)
         self.pos_embed = nn.Parameter(table, requires_grad=False)  # fixed; a parameter, as in the checkpoints
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)

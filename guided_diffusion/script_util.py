@@ -205,12 +205,13 @@ def create_dit_model(
     or, for any other `model_name` (the authors write "custom"), of the given patch/width/depth/heads."""
     from .dit import DIT_CONFIGS, DiT
 
-    if model_name in DIT_CONFIGS:
-        depth, hidden_size, patch_size, num_heads = DIT_CONFIGS[model_name]
+    sizes = DIT_CONFIGS.get(
+        model_name, dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
+    )
     return DiT(
-        input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-        num_classes=num_classes, learn_sigma=learn_sigma, use_class=use_class, use_fp16=use_fp16,
+        input_size=input_size, in_channels=in_channels, mlp_ratio=mlp_ratio,
+        class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+        use_class=use_class, use_fp16=use_fp16, **sizes,
     )
 
 

@@ -116,25 +116,6 @@ def test_autocast_halves_attention_and_mlp_but_keeps_conditioning_and_output_flo
     assert ((y - model(x, t)).norm() / y.norm()).item() < 0.05
 
 
-def test_compiled_dit_matches_eager_forward_and_backward():
-    from guided_diffusion.infra.compile_util import maybe_compile
-
-    model = create_dit_model("custom", 4, 32, 2, 2, input_size=16, in_channels=3)
-    for p in model.parameters():
-        p.data.normal_(0, 0.1)
-    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 7, 19])
-    compiled = maybe_compile(model, True, backend="aot_eager", name="test DiT")
-    out = compiled(x, t)
-    assert not compiled.failed
-    ref = model(x, t)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out.square().sum(), params)
-    ref_grads = torch.autograd.grad(ref.square().sum(), params)
-    for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-
-
 def test_unpatchify_inverts_the_patch_layout():
     model = create_dit_model("custom", 2, 16, 1, 2, input_size=4, in_channels=3, learn_sigma=False)
     img = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
@@ -158,7 +139,8 @@ def test_class_labels_embed_and_drop_to_the_null_row_in_training():
 
 
 def test_named_models_take_the_paper_sizes_and_custom_takes_the_arguments():
-    for name, (depth, width, patch, heads) in DIT_CONFIGS.items():
+    for name, named in DIT_CONFIGS.items():
+        depth, width, patch, heads = (named[k] for k in ("depth", "hidden_size", "patch_size", "num_heads"))
         with torch.device("meta"):
             model = create_dit_model(name, patch_size=3, hidden_size=12, depth=1, num_heads=1, input_size=32,
                                      in_channels=3)

@@ -24,7 +24,7 @@ from guided_diffusion.infra.compile_util import (
 )
 from guided_diffusion.infra.cuda_graphs import GraphedInference, GraphedTraining
 from guided_diffusion.nn import GroupNorm32, use_half_norm
-from guided_diffusion.script_util import create_gaussian_diffusion, create_model
+from guided_diffusion.script_util import create_dit_model, create_gaussian_diffusion, create_model
 from guided_diffusion.train_util import TrainLoop
 
 torch.set_num_threads(1)  # 2 shared cores: more threads only contend on tiny models
@@ -57,16 +57,27 @@ def _log_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(dist_util, "dev", lambda: torch.device("cpu"))
 
 
-def test_compiled_unet_matches_eager_forward_and_backward():
-    model = _model()
+def _dit(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_dit_model("custom", 2, 32, 2, 2, input_size=8, in_channels=3)
+    with torch.no_grad():  # adaLN-Zero starts every gate and the output layer at 0
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("build", [_model, _dit], ids=["unet", "dit"])
+def test_compiled_network_matches_eager_forward_and_backward(build):
+    model = build()
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 7, 19])
-    compiled = maybe_compile(model, True, backend="aot_eager", name="test UNet")
+    compiled = maybe_compile(model, True, backend="aot_eager", name="test network")
     out = compiled(x, t)
     assert not compiled.failed
     ref = model(x, t)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    params = [p for p in model.parameters() if p.requires_grad]  # the DiT's position table is fixed
+    grads = torch.autograd.grad(out.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 

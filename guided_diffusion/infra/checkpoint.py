@@ -4,7 +4,6 @@ and discovery of the newest complete checkpoint set for resuming a run."""
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 import re
@@ -164,24 +163,15 @@ def _arch_shapes(arch_file: str, mtime: float, learn_sigma: bool) -> tuple[tuple
     the meta device (no memory)."""
     from omegaconf import OmegaConf
 
-    from ..script_util import architecture_defaults, create_dit_model, create_model
+    from ..script_util import architecture_defaults, create_any_model_and_diffusion
 
     values = OmegaConf.to_container(OmegaConf.load(arch_file), resolve=True)
     if not isinstance(values, dict):
         raise CheckpointError(f"arch file {arch_file} does not hold a mapping")
     kwargs = architecture_defaults(values)
-    kwargs.update(values)
-    kwargs.update(learn_sigma=learn_sigma, use_fp16=False)
-    if "model_name" in kwargs:
-        kwargs.update(input_size=kwargs["image_size"], use_class=kwargs["class_cond"])
-        factory: Any = create_dit_model
-    else:
-        kwargs.update(use_checkpoint=False)
-        factory = create_model
-    accepted = inspect.signature(factory).parameters
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    kwargs.update({k: v for k, v in values.items() if k in kwargs}, learn_sigma=learn_sigma, use_fp16=False)
     with torch.device("meta"):
-        model = factory(**kwargs)
+        model, _ = create_any_model_and_diffusion(**kwargs)
     return tuple(_shapes(model.state_dict()).items())
 
 
