@@ -37,7 +37,7 @@ second=$!
 if [ -n "$teacher_pid" ]; then
   wait "$teacher_pid"
   cp "$out/dit_teacher/teacher.pt" model/digits16_dit_teacher.pt
-  echo "DiT teacher: $(cat "$out/dit_teacher/teacher_eval.json" | tr -d '\n')"
+  echo "DiT teacher: $(tr -d '\n' < "$out/dit_teacher/teacher_eval.json")"
 fi
 python benchmarks/digits_results.py --out "$out/dit_cnn" "${common[@]}" $(budget) --methods dit_teacher,dkdm_dit_cnn \
   > "$out/dit_cnn.log" 2>&1 &

@@ -400,12 +400,16 @@ class DigitsBenchmark:
         except ValueError as exc:
             raise BenchError(f"{path}: unreadable results file ({exc})") from exc
         old = previous.get("settings", {})
-        differ = [k for k in SHARED_SETTINGS if old.get(k) != self.settings[k]]
+        differ = self.differing_settings(old)
         if differ:
             pairs = ", ".join(f"{k} {old.get(k)!r} -> {self.settings[k]!r}" for k in differ)
             raise BenchError(f"{path} was made with other settings ({pairs}); use another --out")
         previous["settings"] = self.settings
         return previous
+
+    def differing_settings(self, other: Mapping[str, Any]) -> list[str]:
+        """The SHARED_SETTINGS in which `other` (another call's settings) differs from this call's."""
+        return [k for k in SHARED_SETTINGS if other.get(k) != self.settings[k]]
 
     def merge(self, dirs: Sequence[str]) -> None:
         """Take the rows, invocations and grids of other runners' output dirs made with the same settings
@@ -416,8 +420,7 @@ class DigitsBenchmark:
                 other = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise BenchError(f"{path}: cannot merge ({exc})") from exc
-            theirs = other.get("settings", {})
-            differ = [k for k in SHARED_SETTINGS if theirs.get(k) != self.settings[k]]
+            differ = self.differing_settings(other.get("settings", {}))
             if differ:
                 raise BenchError(f"{path} was made with other settings ({', '.join(differ)}); not merging it")
             for name, row in other.get("rows", {}).items():
@@ -563,12 +566,12 @@ class DigitsBenchmark:
     def score_teacher(self, name: str, label: str, config: str, respacing: str) -> None:
         """Sample the checkpoint `config` names on `respacing` and score it as a reference row."""
         begin = time.perf_counter()
-        model, diffusion = self.build(config, respacing)
         checkpoint = str(REPO_ROOT / primary_section(load_config(REPO_ROOT / config)).model_path)
         if not Path(checkpoint).is_file():
             self.put_row({"name": name, "label": label, "table": "reference", "status": "unavailable",
                           "error": f"no checkpoint at {checkpoint}", "curve": []})
             return
+        model, diffusion = self.build(config, respacing)
         load_model_weights(model, checkpoint)
         use_ddim = respacing.startswith(DDIM_GRIDS)
         row = {

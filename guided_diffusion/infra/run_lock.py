@@ -59,13 +59,18 @@ def claim_run_dir(run_dir: str, allow_checkpoints: bool) -> str | None:
             f"run dir {run_dir} already holds a run's checkpoints; pass --resume_checkpoint {run_dir} "
             "to continue it, or choose another --exp_dir"
         )
+    _record_owner(handle)
+    _held[run_dir] = handle
+    remove_stale_temp_files(run_dir)  # we hold the dir: any temp file in it is a killed writer's
+    return None
+
+
+def _record_owner(handle: IO[str]) -> None:
+    """Write this process as the holder of the flocked `handle` (what a waiting or refused writer reports)."""
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
-    _held[run_dir] = handle
-    remove_stale_temp_files(run_dir)  # we hold the dir: any temp file in it is a killed writer's
-    return None
 
 
 def release_run_dir(run_dir: str) -> None:
@@ -90,10 +95,7 @@ def shared_file_writer(path: str) -> Iterator[None]:
             owner = handle.read().strip() or "another process"
             logger.log(f"waiting for {owner}, which is writing {path}")
             fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+        _record_owner(handle)
         try:
             remove_stale_temp_files(os.path.dirname(path), path)
             yield
