@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from guided_diffusion.config import method_defaults
+from guided_diffusion.distill.rdd_losses import rcfd_kl
 from guided_diffusion.distill.relational import (
     PixelMemoryQueue,
     RelationalLoss,
-    logit_relation_loss,
     memory_contrast_loss,
     pixel_embeddings,
     pixel_relation_loss,
@@ -113,9 +113,9 @@ def test_logit_relation_equals_direct_computation():
     zs, zt = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     rows = [kl(softmax([v / 0.9 for v in zt[i].tolist()]), softmax(zs[i].tolist())) for i in range(3)]
     direct = sum(rows) / 3
-    assert logit_relation_loss(zs, zt, 0.9).item() == pytest.approx(direct, rel=1e-5)
-    with pytest.raises(ValueError, match="logit relation"):
-        logit_relation_loss(zs, zt[:2])
+    assert rcfd_kl(zs, zt, 0.9).item() == pytest.approx(direct, rel=1e-5)
+    with pytest.raises(ValueError, match="RCFD KL needs equal"):
+        rcfd_kl(zs, zt[:2])
 
 
 def test_bad_shapes_and_config_raise():
@@ -225,7 +225,7 @@ def test_classifier_source_logit_term_and_resized_student_maps():
     out = rel(s, t, zs, zt)
     resized = torch.nn.functional.interpolate(s, size=(4, 4), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out["p2p"], pixel_relation_loss(resized, t))
-    torch.testing.assert_close(out["loss"], 0.5 * out["p2p"] + logit_relation_loss(zs, zt, 0.9))
+    torch.testing.assert_close(out["loss"], 0.5 * out["p2p"] + rcfd_kl(zs, zt, 0.9))
     with pytest.raises(ValueError, match="needs student_logits"):
         rel(s, t)
 

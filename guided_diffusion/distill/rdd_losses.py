@@ -17,9 +17,13 @@ QUEUE_LAYOUTS = ("authors", "pixels")
 
 def rcfd_kl(pooled_s: torch.Tensor, pooled_t: torch.Tensor, temperature: float = 0.9) -> torch.Tensor:
     """KL(softmax(f_T / temperature) || softmax(f_S)) summed over features, averaged over the batch; the
-    temperature applies to the teacher only and there is no temperature**2 factor (as the authors)."""
-    target = F.softmax(pooled_t / temperature, dim=-1).detach()
-    return F.kl_div(F.log_softmax(pooled_s, dim=-1), target, reduction="batchmean")
+    temperature applies to the teacher only and there is no temperature**2 factor (as the authors). RCFD's
+    term on pooled features and the relational term's logit relation alike; [N, K] inputs, float32."""
+    if pooled_s.shape != pooled_t.shape or pooled_s.dim() != 2:
+        raise ValueError(f"RCFD KL needs equal [N, K] inputs, got {tuple(pooled_s.shape)} and "
+                         f"{tuple(pooled_t.shape)}")
+    target = F.softmax(pooled_t.detach().float() / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(pooled_s.float(), dim=-1), target, reduction="batchmean")
 
 
 def _pair_similarities(feat: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import dist_util
 from ..config import resolve_with_defaults
 from .objective import FeatureProbe
+from .rdd_losses import rcfd_kl
 from .targets import pred_xstart_from_output
 
 FEATURE_SOURCES = ("unet", "classifier")
@@ -169,18 +170,6 @@ def memory_contrast_loss(
         contrast_temperature * kd_temperature, chunk_size,
     )
     return kl * kd_temperature**2
-
-
-def logit_relation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 0.9
-) -> torch.Tensor:
-    """RCFD's term: batch mean of KL(softmax(z_t / T) || softmax(z_s)); T < 1 sharpens the teacher."""
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"logit relation needs equal [N, K] logits, got {tuple(student_logits.shape)} "
-                         f"and {tuple(teacher_logits.shape)}")
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    log_p_s = F.log_softmax(student_logits.float(), dim=1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,7 +320,7 @@ class RelationalLoss(nn.Module):
             if student_logits is None or teacher_logits is None:
                 raise ValueError("relational: logit_factor > 0 with feature_source 'classifier' needs "
                                  "student_logits and teacher_logits")
-            logit = logit_relation_loss(student_logits, teacher_logits, cfg["logit_temperature"])
+            logit = rcfd_kl(student_logits, teacher_logits, cfg["logit_temperature"])
             total = total + cfg["logit_factor"] * logit
             terms["logit"] = logit.detach()
         terms["loss"] = total
