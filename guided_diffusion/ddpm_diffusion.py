@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .step_target import two_step_target
+
 Model = Callable[..., torch.Tensor]
 
 
@@ -114,12 +116,13 @@ def pd_target(
         z = schedule.combine(x0, eps, (t - k - 1) * time_scale)
         states[f"z_tm{k + 1}"] = z
     i_t, i_2 = t * time_scale, (t - 2) * time_scale
-    sigma_t = schedule.gather(schedule.sqrt_one_minus_alphas_bar, i_t, n)
-    sigma_2 = schedule.gather(schedule.sqrt_one_minus_alphas_bar, i_2, n)
-    ratio = sigma_2 / sigma_t
-    alpha_t = schedule.gather(schedule.sqrt_alphas_bar, i_t, n)
-    alpha_2 = schedule.gather(schedule.sqrt_alphas_bar, i_2, n)
-    states["x_target"] = (z - ratio * z_t) / (alpha_2 - ratio * alpha_t)
+    states["x_target"] = two_step_target(
+        z_t, z,
+        schedule.gather(schedule.sqrt_alphas_bar, i_t, n),
+        schedule.gather(schedule.sqrt_one_minus_alphas_bar, i_t, n),
+        schedule.gather(schedule.sqrt_alphas_bar, i_2, n),
+        schedule.gather(schedule.sqrt_one_minus_alphas_bar, i_2, n),
+    )
     states["eps_target"] = schedule.eps_from_x0(z_t, states["x_target"], i_t)
     return states
 

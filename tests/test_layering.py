@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "guided_diffusion"
 CORE = {
     "unet", "dit", "gaussian_diffusion", "respace", "script_util", "nn", "losses", "train_util", "logger",
     "dist_util", "resample", "image_datasets", "sampling", "config", "model_cost", "ddpm_unet",
-    "ddpm_diffusion",
+    "ddpm_diffusion", "step_target",
 }
 ABOVE_INFRA = ("guided_diffusion.distill", "guided_diffusion.train_util", "guided_diffusion.run_setup",
                "guided_diffusion.sampling", "guided_diffusion.digits_demo", "guided_diffusion.config")

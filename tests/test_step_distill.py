@@ -14,7 +14,12 @@ from guided_diffusion.distill.classifier import (
     load_classifier,
     save_classifier,
 )
-from guided_diffusion.distill.progressive import StepDistiller, resolve_step_distill_config, teacher_step_plan
+from guided_diffusion.distill.progressive import (
+    StepDistiller,
+    check_same_head,
+    resolve_step_distill_config,
+    teacher_step_plan,
+)
 from guided_diffusion.distill.relational import RelationalTerm
 from guided_diffusion.distill.relational import defaults as relational_defaults
 from guided_diffusion.distill.targets import ddim_target, snr_weight
@@ -118,7 +123,7 @@ def test_teacher_two_steps_are_its_ddim_chain():
     with torch.no_grad():
         teacher.out[-1].weight.normal_(0, 0.05)
     student_diffusion = _diffusion("ddim2")
-    distiller = StepDistiller(teacher, teacher_diffusion, student_diffusion)
+    distiller = StepDistiller(teacher, teacher_diffusion, student_diffusion, {"teacher_clip": True})
     z = torch.randn(2, 3, 16, 16)
     t = torch.tensor([1, 1])
     got, _ = distiller.teacher_two_steps(z, t)
@@ -166,16 +171,64 @@ def test_weighting_and_config_checks():
     snr = torch.from_numpy(d.alphas_cumprod / (1 - d.alphas_cumprod)).float()
     assert torch.allclose(snr_weight(d, t, "snr"), snr)
     assert torch.allclose(snr_weight(d, t, "truncated_snr"), snr.clamp_min(1))
+    assert torch.allclose(snr_weight(d, t, "snr_plus_one"), snr + 1)
     assert torch.equal(snr_weight(d, t, "none"), torch.ones(2))
     with pytest.raises(ValueError, match="unknown key 'lr'"):
         resolve_step_distill_config({"lr": 1.0})
     with pytest.raises(ValueError, match="loss_weighting"):
         resolve_step_distill_config({"loss_weighting": "p2"})
+    with pytest.raises(ValueError, match="student_prediction"):
+        resolve_step_distill_config({"student_prediction": "score"})
+    eps_teacher = _diffusion("ddim4")
+    check_same_head(eps_teacher, d)
+    with pytest.raises(ValueError, match="predicts eps but its predict_xstart reads it as x0"):
+        check_same_head(eps_teacher, _diffusion("ddim2", predict_xstart=True))
+
+
+def _teacher_and_copy_setup():
     teacher, teacher_diffusion = _tiny_unet(1)
-    with pytest.raises(ValueError, match="predict_xstart to True"):
-        StepDistiller(teacher, teacher_diffusion, d, {"student_prediction": "x0"})
-    x0_student = _diffusion("ddim2", predict_xstart=True)
-    StepDistiller(teacher, teacher_diffusion, x0_student, {"student_prediction": "x0"})
+    with torch.no_grad():
+        teacher.out[-1].weight.normal_(0, 0.05)
+    return teacher, teacher_diffusion, _diffusion("ddim2")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_copy_of_an_eps_teacher_predicts_its_step_in_every_parameterisation(prediction):
+    """The student's output read as eps, x0 or v is the eps teacher's own output at the same z_t and
+    timestep, converted: before any update the student predicts what its teacher predicts."""
+    teacher, teacher_diffusion, student_diffusion = _teacher_and_copy_setup()
+    config = {"student_prediction": prediction}
+    distiller = StepDistiller(teacher, teacher_diffusion, student_diffusion, config)
+    z = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([0, 1])
+    j = distiller.plan[t]
+    with torch.no_grad():
+        eps = teacher(z, teacher_diffusion._scale_timesteps(j))[:, :3].double()
+        student = student_diffusion.p_mean_variance(teacher, z, t, clip_denoised=False)
+        ours = distiller.prediction(student["pred_xstart"], z, t)
+        theirs = teacher_diffusion.ddim_sample(teacher, z, j, clip_denoised=False)
+    a = torch.from_numpy(student_diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1)
+    x0 = theirs["pred_xstart"].double()
+    want = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction]
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_weighting_is_the_error_in_the_prediction_space():
+    """eps: snr x the x_0 MSE, v: (snr + 1) x it, x0: PD's max(snr, 1) x it; a named weighting overrides."""
+    teacher, teacher_diffusion, student_diffusion = _teacher_and_copy_setup()
+    z, x0, target = torch.randn(3, 2, 3, 16, 16).double().unbind(0)
+    t = torch.tensor([0, 1])
+    mse = ((x0 - target) ** 2).mean(dim=(1, 2, 3)).float()
+    a = torch.from_numpy(student_diffusion.alphas_cumprod)[t]
+    snr = (a / (1 - a)).float()
+    want = {"eps": snr * mse, "v": (snr + 1) * mse, "x0": snr.clamp_min(1) * mse}
+    for prediction, expected in want.items():
+        d = StepDistiller(teacher, teacher_diffusion, student_diffusion, {"student_prediction": prediction})
+        torch.testing.assert_close(d.weighted_error(x0, target, z, t), expected, rtol=1e-4, atol=0)
+    named = StepDistiller(
+        teacher, teacher_diffusion, student_diffusion, {"student_prediction": "eps", "loss_weighting": "none"}
+    )
+    torch.testing.assert_close(named.weighted_error(x0, target, z, t), mse)
 
 
 def test_relational_unet_term_trains_student_and_head():

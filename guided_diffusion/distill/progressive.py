@@ -8,8 +8,11 @@ the teacher's z_{t''}:
 
     x~ = (z_{t''} - r z_t) / (sqrt(a_{t''}) - r sqrt(a_t)),   r = sqrt(1 - a_{t''}) / sqrt(1 - a_t)
 
-(a = alpha-bar). The loss is w(t) * ||x0_student(z_t) - x~||^2 with PD's truncated-SNR weight
-w = max(snr, 1) by default. `RelationalTerm` adds RDD's relational losses, on UNet features or on a frozen
+(a = alpha-bar). The loss is the squared error between the student's output and x~ read in the
+`student_prediction` parameterisation (eps, x0 or v, each converted from the network's own head, so a
+copy of an eps teacher gives the teacher's step whatever the choice): eps and v errors are the x_0 error
+times snr and snr + 1, and x0 takes PD's truncated-SNR weight max(snr, 1); `loss_weighting` overrides it.
+`RelationalTerm` adds RDD's relational losses, on UNet features or on a frozen
 classifier's features of x~ and the student's x_0; the same term plugs into DKDM's `KDTrainLoop`.
 """
 
@@ -27,23 +30,23 @@ from ..nn import mean_flat
 from ..train_util import TrainLoop
 from .objective import FeatureProbe
 from .relational import RelationalTerm
-from .targets import ddim_target, snr_weight
+from .targets import ddim_target, snr_weight, x0_to_prediction
 
 if TYPE_CHECKING:
     import argparse
 
     from omegaconf import DictConfig
 
-PREDICTIONS = ("x0", "eps")
-WEIGHTINGS = ("truncated_snr", "snr", "none")
+PREDICTIONS = ("eps", "x0", "v")
+WEIGHTINGS = ("auto", "truncated_snr", "snr", "snr_plus_one", "none")
 
 
 def defaults() -> dict[str, Any]:
     """Every `step_distill:` YAML knob with its default (source noted beside each)."""
     return {
-        "student_prediction": "eps",  # network output: "x0" needs student.predict_xstart true; "eps" false
-        "loss_weighting": "truncated_snr",  # PD: max(snr, 1) on the x_0 error; "snr" = eps MSE; "none"
-        "teacher_clip": True,  # clip the teacher's x_0 to [-1, 1] in its two DDIM steps (as its sampler)
+        "student_prediction": "eps",  # space of the loss: "eps", "x0" or "v" (docs/RESULTS.md measures the 3)
+        "loss_weighting": "auto",  # "auto": that space's MSE (x0: PD's max(snr, 1)); else an x_0-error weight
+        "teacher_clip": False,  # clip the teacher's x_0 to [-1, 1] in its two DDIM steps (authors: no)
         "init_from_teacher": True,  # PD: the student starts as a copy of its teacher (unless resuming)
         "classifier_path": "",  # RDD classifier (scripts/classifier_train.py) for feature_source classifier
     }
@@ -64,17 +67,28 @@ def resolve_step_distill_config(config: Mapping[str, Any] | None = None) -> dict
     return resolved
 
 
-def check_prediction(student_diffusion: Any, prediction: str) -> None:
-    """The student's network output must be what `student_prediction` says (x0 or eps)."""
-    actual = {ModelMeanType.START_X: "x0", ModelMeanType.EPSILON: "eps"}.get(
-        student_diffusion.model_mean_type
-    )
-    if actual != prediction:
+def check_same_head(teacher_diffusion: Any, student_diffusion: Any) -> None:
+    """A student initialised from its teacher must read the copied output head the same way (eps or x0):
+    `student_prediction` converts it, `predict_xstart` would reinterpret it."""
+    heads = {ModelMeanType.START_X: "x0", ModelMeanType.EPSILON: "eps"}
+    teacher, student = (heads.get(d.model_mean_type) for d in (teacher_diffusion, student_diffusion))
+    if teacher is None or student is None:
+        raise ValueError("step_distill: teacher and student must predict eps or x0 (predict_xstart)")
+    if teacher != student:
         raise ValueError(
-            f"step_distill: student_prediction {prediction!r} but the student's diffusion predicts "
-            f"{actual or student_diffusion.model_mean_type}; set student predict_xstart to "
-            f"{prediction == 'x0'}"
+            f"step_distill: the student starts from a teacher whose head predicts {teacher} but its "
+            f"predict_xstart reads it as {student}; set student predict_xstart to {teacher == 'x0'} and "
+            f"choose the loss's parameterisation with step_distill.student_prediction"
         )
+
+
+def loss_weight(student_diffusion: Any, t: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    """Per-item weight on the x_0 squared error: the one that makes it the error in `student_prediction`'s
+    space (eps: snr, v: snr + 1, x0: PD's truncated snr) unless `loss_weighting` names another."""
+    weighting = config["loss_weighting"]
+    if weighting == "auto":
+        weighting = {"eps": "snr", "x0": "truncated_snr", "v": "snr_plus_one"}[config["student_prediction"]]
+    return snr_weight(student_diffusion, t, weighting)
 
 
 def _timestep_map(diffusion: Any) -> list[int]:
@@ -116,7 +130,6 @@ class StepDistiller:
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = resolve_step_distill_config(config)
-        check_prediction(student_diffusion, self.config["student_prediction"])
         self.teacher = teacher
         self.teacher_diffusion = teacher_diffusion
         self.student_diffusion = student_diffusion
@@ -170,7 +183,7 @@ class StepDistiller:
         )
         mse = mean_flat((out["pred_xstart"].float() - target.float()) ** 2)
         terms = {"mse": mse.detach()}
-        loss = snr_weight(self.student_diffusion, t, self.config["loss_weighting"]) * mse
+        loss = self.weighted_error(out["pred_xstart"], target, z_t, t)
         if relational is not None:
             rel = relational.compare(
                 student_feats=student_probe.features,
@@ -182,6 +195,21 @@ class StepDistiller:
             terms.update({f"rel_{k}": v.detach() for k, v in rel.items()})
         terms["loss"] = loss
         return terms
+
+    def prediction(self, x0: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """An x_0 at z_t read as the student's `student_prediction` (float64)."""
+        return x0_to_prediction(self.student_diffusion, x0, z_t, t, self.config["student_prediction"])
+
+    def weighted_error(
+        self, x0: torch.Tensor, target: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-item loss of the student's x_0 against x~: the MSE in the prediction's space ("auto"), or
+        the x_0 MSE times the named `loss_weighting`."""
+        if self.config["loss_weighting"] == "auto" and self.config["student_prediction"] != "x0":
+            err = self.prediction(x0, z_t, t) - self.prediction(target, z_t, t)
+            return mean_flat(err.float() ** 2)
+        mse = mean_flat((x0.float() - target.float()) ** 2)
+        return loss_weight(self.student_diffusion, t, self.config) * mse
 
 
 class StepDistillLoop(TrainLoop):

@@ -21,7 +21,7 @@ from .dkdm.setup import (
 )
 from .loop import KDTrainLoop
 from .objective import RunParts, build_objectives
-from .progressive import StepDistillLoop, resolve_step_distill_config
+from .progressive import StepDistillLoop, check_same_head, resolve_step_distill_config
 from .relational import build_relational_term
 
 RUN_SECTIONS = ("teacher", "student", "config")  # top-level keys that are not method sections
@@ -92,7 +92,10 @@ def build_step_distill_run(
     device = device or dist_util.dev()
     teacher, teacher_diffusion = load_teacher(teacher_s, device)
     student, student_diffusion = build_model_and_diffusion(student_s, device)
-    init = student_s["model_path"] or (teacher_s["model_path"] if step_cfg["init_from_teacher"] else "")
+    from_teacher = not student_s["model_path"] and step_cfg["init_from_teacher"]
+    if from_teacher:
+        check_same_head(teacher_diffusion, student_diffusion)
+    init = student_s["model_path"] or (teacher_s["model_path"] if from_teacher else "")
     if init and not student_s["resume_checkpoint"]:
         logger.log(f"initializing the student from {init}")
         load_model_weights(student, init)
