@@ -45,7 +45,7 @@ from guided_diffusion.run_setup import build_model_and_diffusion, load_model_wei
 from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
 
 ALL_METHODS = (
-    "reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd",
+    "reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd", "pd_4to2", "rdd_4to2",
     "dit_teacher", "dkdm_cnn_dit", "dkdm_dit_cnn", "dkdm_dit_dit",
 )
 TEACHER_YAML = "yaml/digits_16/teacher.yaml"
@@ -55,6 +55,7 @@ DIFFUSION_YAML = "yaml/digits_16/diffusion.yaml"
 TEACHER_CKPT = "model/digits16_teacher.pt"
 DDIM_GRIDS = ("ddim", "trailing")  # respacings sampled with DDIM (eta 0)
 RDD_CONFIG_DIR = "yaml/digits_16/exp/rdd"
+TEACHER_DDIM_ROWS = {"teacher_ddim8": "trailing8", "teacher_ddim4": "trailing4", "teacher_ddim2": "trailing2"}
 EMA_CHOICES = (0.9999, 0.999, 0.995, 0.99, 0.9)
 # settings that must agree across calls writing into the same DIR (rows are compared with each other)
 SHARED_SETTINGS = ("steps", "num_samples", "seed", "respacing", "ema_rate", "batch_size", "lr")
@@ -72,6 +73,7 @@ class TrainedMethod:
     needs_pool: bool = False  # DKDM-style: prepare the dynamic batch first
     data: str = ""  # "" (data-free, no data), "teacher_samples" or "real"
     own_grid: bool = False  # sample on the config's own DDIM grid (trailingN) instead of --respacing
+    stage_of: str = ""  # a next halving stage: the named row's final EMA student is this one's teacher
 
 
 TRAINED: dict[str, TrainedMethod] = {
@@ -128,6 +130,14 @@ TRAINED: dict[str, TrainedMethod] = {
             "rdd", "RDD 8->4 steps", "scripts/step_distill.py", "", "rdd", data="teacher_samples",
             own_grid=True,
         ),
+        TrainedMethod(
+            "pd_4to2", "PD 4->2 steps", "scripts/step_distill.py", "", "rdd", data="teacher_samples",
+            own_grid=True, stage_of="pd",
+        ),
+        TrainedMethod(
+            "rdd_4to2", "RDD 4->2 steps", "scripts/step_distill.py", "", "rdd", data="teacher_samples",
+            own_grid=True, stage_of="rdd",
+        ),
     )
 }
 
@@ -160,6 +170,17 @@ def find_rdd_config(method: str, config_dir: Path = REPO_ROOT / RDD_CONFIG_DIR) 
             f"pass --{method}_config"
         )
     return found[0]
+
+
+def parse_edits(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings as {dotted key: YAML value}; BenchError names a malformed one."""
+    edits = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise BenchError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        edits[key.strip()] = OmegaConf.select(OmegaConf.from_dotlist([item.strip()]), key.strip())
+    return edits
 
 
 def display_command(argv: Sequence[str]) -> str:
@@ -314,8 +335,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += [_main_row({**rows[n], "label": "DKDM CNN -> CNN"}) for n in ("dkdm",) if n in rows]
         out += [_main_row(row) for row in rows.values() if row.get("table") == "arch"]
     out += ["", "## RDD: 8-step teacher, 4-step PD and RDD students (equal steps)", "", MAIN_HEADER]
-    if "teacher_ddim8" in rows:
-        out.append(_main_row({**rows["teacher_ddim8"], "steps": None}))
+    out += [_main_row({**rows[n], "steps": None}) for n in TEACHER_DDIM_ROWS if n in rows]
     out += [_main_row(row) for row in rows.values() if row.get("table") == "rdd"]
     out += ["", *_comparison_lines(rows, "pd", "rdd")]
     curves = {n: r for n, r in rows.items() if r.get("curve")}
@@ -554,8 +574,9 @@ class DigitsBenchmark:
         self.put_row({**row, "total_wall_s": time.perf_counter() - begin})
 
     def run_teacher(self) -> None:
-        """The shipped teacher on the benchmark's grid and on the 8-step DDIM grid (RDD's N-step teacher)."""
-        for name, respacing in (("teacher", self.args.respacing), ("teacher_ddim8", "trailing8")):
+        """The shipped teacher on the benchmark's grid and on the 8-, 4- and 2-step DDIM grids (the step
+        distillation stages' teacher and what their students are compared with at equal steps)."""
+        for name, respacing in (("teacher", self.args.respacing), *TEACHER_DDIM_ROWS.items()):
             self.score_teacher(name, "shipped teacher", TEACHER_YAML, respacing)
 
     def run_dit_teacher(self) -> None:
@@ -636,13 +657,13 @@ class DigitsBenchmark:
 
     def method_config(self, spec: TrainedMethod) -> Path:
         """The method's source YAML (pd/rdd: --pd_config / --rdd_config or found in RDD_CONFIG_DIR)."""
-        given = getattr(self.args, f"{spec.name}_config", None)
+        given = getattr(self.args, f"{spec.stage_of or spec.name}_config", None)
         if given:
             path = Path(given)
         elif spec.config:
             path = REPO_ROOT / spec.config
         else:
-            path = find_rdd_config(spec.name)
+            path = find_rdd_config(spec.stage_of or spec.name)
         path = path if path.is_absolute() else (REPO_ROOT / path)
         if not path.is_file():
             raise FileNotFoundError(f"{spec.name} config not found: {path}")
@@ -654,21 +675,46 @@ class DigitsBenchmark:
         kd = isinstance(raw, dict) and "student" in raw
         edits: dict[str, Any] = {("student.ema_rate" if kd else "ema_rate"): self.args.ema_rate}
         if spec.needs_pool:
-            edits["teacher.tempfile"] = str(self.out / "pools" / f"{spec.name}.cache")
+            edits["teacher.tempfile"] = str(self.out / "pools" / f"{self.row_name(spec.name)}.cache")
             edits["teacher.timestep_respacing"] = self.args.respacing
             edits["student.timestep_respacing"] = self.args.respacing
         if spec.own_grid and data_path:
             edits["student.data_dir"] = data_path
             if isinstance(raw.get("step_distill"), dict) and "data_dir" in raw["step_distill"]:
                 edits["step_distill.data_dir"] = data_path
+        if spec.stage_of:
+            edits.update(self.next_stage_edits(raw, spec.stage_of))
+        edits.update(self.args.set)
         return edits
+
+    def next_stage_edits(self, raw: Mapping[str, Any], previous: str) -> dict[str, Any]:
+        """Point a stage config at the row `previous`'s final EMA student, on grids half its own."""
+        prev = self.results["rows"].get(self.row_name(previous), {})
+        found = checkpoint_steps(self.out / "runs" / self.row_name(previous))
+        if prev.get("status") != "done" or not found:
+            raise RuntimeError(f"the next stage needs a finished {self.row_name(previous)} row first")
+        steps = {}
+        for section in ("teacher", "student"):
+            grid = str(raw[section]["timestep_respacing"])
+            if not grid.startswith("trailing"):
+                raise RuntimeError(f"stage {previous}: {section}.timestep_respacing {grid} is not trailingN")
+            steps[section] = int(grid[len("trailing"):]) // 2
+        return {
+            "teacher.model_path": str(found[max(found)]),
+            "teacher.timestep_respacing": f"trailing{steps['teacher']}",
+            "student.timestep_respacing": f"trailing{steps['student']}",
+        }
+
+    def row_name(self, method: str) -> str:
+        """A trained method's row name: the method, tagged with --tag when given."""
+        return f"{method}@{self.args.tag}" if self.args.tag else method
 
     def run_trained(self, spec: TrainedMethod) -> None:
         """Prepare (pool or data), train through the real script, then evaluate its EMA checkpoints."""
         begin = time.perf_counter()
         row: dict[str, Any] = {
-            "name": spec.name,
-            "label": spec.label,
+            "name": self.row_name(spec.name),
+            "label": f"{spec.label} [{self.args.tag}]" if self.args.tag else spec.label,
             "table": spec.table,
             "commands": [],
             "status": "running",
@@ -688,12 +734,13 @@ class DigitsBenchmark:
 
     def _train_and_evaluate(self, spec: TrainedMethod, src: Path, row: dict[str, Any]) -> None:
         args = self.args
+        name = row["name"]
         data_path = None
         if spec.data == "teacher_samples":
             data_path = self.teacher_samples(row)
         elif spec.data == "real":
             data_path = self.data_paths["train"]
-        cfg_path = self.out / "configs" / f"{spec.name}.yaml"
+        cfg_path = self.out / "configs" / f"{name}.yaml"
         edits = write_derived_config(src, cfg_path, self.config_edits(spec, src, data_path))
         row.update(
             config=display_command([str(cfg_path)]),
@@ -710,18 +757,18 @@ class DigitsBenchmark:
                 str(REPO_ROOT / "scripts" / "dynamic_prepare.py"),
                 *common,
                 "--exp_dir",
-                str(self.out / "runs" / f"{spec.name}_prepare"),
+                str(self.out / "runs" / f"{name}_prepare"),
             ]
             rc, row["prepare_wall_s"], timed_out = self.run_command(
-                argv, f"{spec.name}_prepare", self.time_left()
+                argv, f"{name}_prepare", self.time_left()
             )
             row["commands"].append(display_command(argv))
             if rc != 0:
                 raise RuntimeError(
                     f"pool preparation {'timed out' if timed_out else 'failed'}: "
-                    f"{self.log_tail(spec.name + '_prepare')}"
+                    f"{self.log_tail(name + '_prepare')}"
                 )
-        run_dir = self.out / "runs" / spec.name
+        run_dir = self.out / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         argv = [
             sys.executable,
@@ -740,12 +787,12 @@ class DigitsBenchmark:
         if spec.data and not spec.own_grid:
             argv += ["--data_dir", data_path]
         rc, row["train_wall_s"], timed_out = self.run_command(
-            argv, spec.name, self.time_left() - args.eval_reserve_s
+            argv, name, self.time_left() - args.eval_reserve_s
         )
         row["commands"].append(display_command(argv))
         row["run_dir"] = display_command([str(run_dir)])
         if rc != 0 and not timed_out:
-            raise RuntimeError(f"training failed (exit {rc}): {self.log_tail(spec.name)}")
+            raise RuntimeError(f"training failed (exit {rc}): {self.log_tail(name)}")
         self._evaluate_run(spec, cfg_path, run_dir, row)
         row["status"] = "partial (time limit)" if timed_out else "done"
         if timed_out:
@@ -775,7 +822,7 @@ class DigitsBenchmark:
             row["curve"].append({"step": step, **point})
             if i == 0:
                 row.update(steps=step, **point)
-                row["grid"] = str(Path("grids") / f"{spec.name}.png")
+                row["grid"] = str(Path("grids") / f"{row['name']}.png")
                 save_grid(images, str(self.out / row["grid"]))
             last_eval = time.perf_counter() - begin
             row["eval_wall_s"] = row.get("eval_wall_s", 0.0) + last_eval
@@ -787,7 +834,7 @@ class DigitsBenchmark:
             if self.time_left() <= self.args.eval_reserve_s and name in TRAINED:
                 self.put_row(
                     {
-                        "name": name,
+                        "name": self.row_name(name),
                         "label": TRAINED[name].label,
                         "table": TRAINED[name].table,
                         "status": "skipped",
@@ -843,6 +890,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default="experiments/data/digits", help="where the digits npz files go")
     p.add_argument("--pd_config", default=None, help=f"PD YAML (default: found in {RDD_CONFIG_DIR})")
     p.add_argument("--rdd_config", default=None, help=f"RDD YAML (default: found in {RDD_CONFIG_DIR})")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted-key YAML edit of every trained method's config (repeatable), e.g. "
+        "step_distill.student_prediction=x0: an ablation's variant",
+    )
+    p.add_argument(
+        "--tag", default="", help="suffix of this call's trained row names (name@TAG), so variants run with "
+        "--set side by side merge into one table",
+    )
     p.add_argument("--budget_s", type=float, default=0.0, help="wall-time budget of this call (0: none)")
     p.add_argument(
         "--merge", default="", help="comma-separated output dirs of runners run beside this one (same "
@@ -872,6 +928,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"--eval_every must be >= 0 and --num_samples >= 2, got {args.eval_every}, {args.num_samples}"
         )
     args.methods = methods
+    args.set = parse_edits(args.set)
+    if args.tag and not args.tag.replace("_", "").replace("-", "").isalnum():
+        raise BenchError(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.split(":")[0] not in ("cuda", "cpu"):
         raise BenchError(f"--device must be cuda or cpu, got {args.device!r}")

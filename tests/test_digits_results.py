@@ -157,3 +157,34 @@ def test_merge_takes_side_by_side_runners_rows_and_grids_and_renders_the_archite
     assert table.index("CNN -> CNN") < table.index("CNN -> DiT")
     with pytest.raises(dr.BenchError, match=r"other.*other settings \(lr\)"):
         bench.merge([str(other)])
+
+
+def test_set_edits_tag_and_next_stage_config(tmp_path):
+    """--set reads values as YAML would, --tag names the rows, and a 4->2 stage takes the finished 8->4
+    row's final EMA student as its teacher on grids half the source config's."""
+    assert dr.parse_edits(["step_distill.teacher_clip=false", "step_distill.student_prediction=x0",
+                           "student.lr=0.5"]) == {"step_distill.teacher_clip": False,
+                                                  "step_distill.student_prediction": "x0", "student.lr": 0.5}
+    for bad in ("teacher_clip", "=1", "a..b=1"):
+        with pytest.raises(dr.BenchError, match="--set expects KEY=VALUE"):
+            dr.parse_edits([bad])
+    with pytest.raises(dr.BenchError, match="--tag"):
+        dr.parse_args(["--out", str(tmp_path), "--methods", "pd", "--tag", "a b", *TINY])
+    args = dr.parse_args(["--out", str(tmp_path / "o"), "--methods", "pd,pd_4to2", "--tag", "eps_clipoff",
+                          "--set", "step_distill.teacher_clip=false", *TINY])
+    bench = dr.DigitsBenchmark(args, [])
+    assert bench.row_name("pd") == "pd@eps_clipoff"
+    raw = {"teacher": {"timestep_respacing": "trailing8"}, "student": {"timestep_respacing": "trailing4"}}
+    with pytest.raises(RuntimeError, match="needs a finished pd@eps_clipoff row"):
+        bench.next_stage_edits(raw, "pd")
+    run = tmp_path / "o" / "runs" / "pd@eps_clipoff"
+    run.mkdir(parents=True)
+    for step in (1, 2):
+        (run / f"ema_0.9_{step:06d}.pt").write_bytes(b"")
+    bench.results["rows"]["pd@eps_clipoff"] = {"status": "done"}
+    edits = bench.next_stage_edits(raw, "pd")
+    assert edits == {"teacher.model_path": str(run / "ema_0.9_000002.pt"),
+                     "teacher.timestep_respacing": "trailing4", "student.timestep_respacing": "trailing2"}
+    stage = bench.config_edits(dr.TRAINED["pd_4to2"], dr.find_rdd_config("pd"), "data.npz")
+    assert stage["teacher.timestep_respacing"] == "trailing4" and stage["student.data_dir"] == "data.npz"
+    assert stage["step_distill.teacher_clip"] is False
