@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
 
 from guided_diffusion.infra.atomic_io import atomic_write
 

@@ -13,6 +13,11 @@ small images. The file holds the weights and how to rebuild them (step_distill.c
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
+
 import argparse
 import json
 import os

@@ -8,6 +8,11 @@ rank 0 writes all of them to `teacher.tempfile` in the authors' cache layout.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
+
 import os
 
 from guided_diffusion import dist_util, logger

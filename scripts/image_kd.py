@@ -13,6 +13,11 @@ own dir, so the counter is only logged. Progressive distillation (`step_distill:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
+
 from guided_diffusion import logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
 from guided_diffusion.distill.dkdm.setup import KDSetupError

@@ -9,6 +9,11 @@ For a KD config the student section is used. Without --output_dir the run goes u
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
+
 import os
 
 from guided_diffusion import dist_util, logger

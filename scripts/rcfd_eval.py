@@ -11,6 +11,11 @@ own grid (ckpt T steps at its time_scale) with `--stride`. Writes the npz and a 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
+
 import argparse
 import os
 

@@ -14,6 +14,11 @@ logdir. Several GPUs: `mpiexec -n N python scripts/rcfd_train.py ...` (batch_siz
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
+
 import argparse
 import os
 

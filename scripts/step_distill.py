@@ -10,6 +10,11 @@ halving chain. Runs go to experiments/step_distill/<config stem>-<time> unless -
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
+
 from guided_diffusion import logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args
 from guided_diffusion.distill.dkdm.setup import KDSetupError
