@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .infra.atomic_io import atomic_write_text
+from .infra.checkpoint import published_teacher_hint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -558,7 +559,8 @@ def check_input_files(cfg: DictConfig) -> None:
         for key in INPUT_PATH_KEYS:
             value = section.get(key)
             if value and not os.path.exists(str(value)):
-                raise ConfigError(f"{source}: {key} in {where} does not exist: {value}")
+                hint = published_teacher_hint(value) if key == "model_path" else ""
+                raise ConfigError(f"{source}: {key} in {where} does not exist: {value}{hint}")
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:

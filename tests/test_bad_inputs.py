@@ -20,7 +20,12 @@ from evaluations import evaluator
 from guided_diffusion.config import ConfigError, load_config, model_and_diffusion_kwargs
 from guided_diffusion.distill.dkdm.cache import CacheError, load_cache, save_cache
 from guided_diffusion.image_datasets import DataError, load_data
-from guided_diffusion.infra.checkpoint import CheckpointError, CheckpointMismatchError, load_state_dict_strict
+from guided_diffusion.infra.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    load_state_dict_strict,
+    safe_torch_load,
+)
 from guided_diffusion.script_util import create_model_and_diffusion
 
 
@@ -323,3 +328,18 @@ def test_sampling_with_settings_shapes_cannot_show_is_refused(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "use_new_attention_order: trained" in message
     assert "noise_schedule: trained 'cosine', now 'linear'" in message
+
+
+@pytest.mark.parametrize("config, published", [
+    ("yaml/cifar10_32/exp/CIFAR10-57M-Dynamic-0.4.yaml", "ADM_cifar10_baseline.pt"),
+    ("yaml/celeba_64/exp/CelebA64-57M-Dynamic-0.4.yaml", "DDPM_IP_celeba64.pt"),
+])
+def test_missing_published_teacher_names_the_download(config, published, tmp_path):
+    """The READMEs' teachers are downloaded by hand: the error says which file, from where, and where to
+    put it, before a run dir exists (and the checkpoint loader says the same)."""
+    code, err = _script("image_kd.py", ["--config", config, "--exp_dir", str(tmp_path / "run")])
+    line = _last_line(err)
+    assert code != 0 and f"download {published} from DDPM-IP" in line, err[-1500:]
+    assert "save it as model/" in line and not (tmp_path / "run").exists()
+    with pytest.raises(CheckpointError, match=f"download {published}"):
+        safe_torch_load(tmp_path / load_config(REPO / config).teacher.model_path)

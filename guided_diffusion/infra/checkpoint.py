@@ -24,6 +24,14 @@ PathLike = str | os.PathLike
 ARCH_DIR = Path(__file__).resolve().parents[2] / "yaml" / "arch"
 LATEST_NAME = "latest"
 # temp-file names of atomic_io.atomic_write (".<name>.<random>.tmp")
+# The teachers the DKDM and TCCD READMEs tell users to download, by the path the YAMLs and commands use.
+PUBLISHED_TEACHERS = {
+    "model/32x32_diffusion_cifar10.pt": "ADM_cifar10_baseline.pt",
+    "model/DDPM_IP_celeba64.pt": "DDPM_IP_celeba64.pt",
+    "model/DDPM_IP_imageNet32.pt": "DDPM_IP_imageNet32.pt",
+}
+TEACHER_SOURCE = "DDPM-IP (https://github.com/forever208/DDPM-IP)"
+
 _TEMP_RE = re.compile(r"^\..+\.[^.]+\.tmp$")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _LIST_LIMIT = 10
@@ -74,11 +82,21 @@ def _size_str(path: str) -> str:
         return "size unknown"
 
 
+def published_teacher_hint(path: PathLike) -> str:
+    """'; download FILE from SOURCE and save it as PATH (README)' when PATH is where the READMEs put a
+    published teacher, else ''."""
+    path = os.fspath(path)
+    for where, published in PUBLISHED_TEACHERS.items():
+        if Path(path).as_posix().endswith(where):
+            return f"; download {published} from {TEACHER_SOURCE} and save it as {path} (README)"
+    return ""
+
+
 def safe_torch_load(path: PathLike, map_location: Any = "cpu") -> Any:
     """`torch.load(weights_only=True)` that turns any read failure into a one-line `CheckpointError`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}{published_teacher_hint(path)}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the zip reader and unpickler raise many types; report them uniformly
