@@ -285,3 +285,20 @@ def test_unwritable_pool_path_is_refused_before_the_teacher_runs(kd_files, tmp_p
         assert len(proc.stderr.strip().splitlines()) == 1
         assert f"teacher.tempfile {blocker / 'pool.cache'}: cannot create its folder" in proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_shuffled_run_never_writes_the_dynamic_cache_it_shares(kd_files, tmp_path):
+    """The shuffled ablation run first, with no cache yet: it trains from a pool prepared in memory and
+    leaves the shared (dynamic) cache path alone, so the dynamic run after it prepares its full pool there."""
+    root, _ = kd_files
+    pool = tmp_path / "cache" / "shared.cache"
+    shuffled = write_kd_yaml(tmp_path / "shuffled.yaml", root / "teacher.pt", pool,
+                             teacher={"iter_choice": "shuffled_iterative_distillation"},
+                             student={"max_steps": 2, "save_interval": 2})
+    _run("scripts/image_kd.py", ["--config", str(shuffled), "--exp_dir", str(tmp_path / "shuffled")])
+    assert (tmp_path / "shuffled" / "model000002.pt").is_file() and not pool.exists()
+    dynamic = write_kd_yaml(tmp_path / "dynamic.yaml", root / "teacher.pt", pool,
+                            student={"max_steps": 2, "save_interval": 2})
+    _run("scripts/image_kd.py", ["--config", str(dynamic), "--exp_dir", str(tmp_path / "dynamic")])
+    cfg = load_config(dynamic)
+    assert load_cache(pool)["total_t"].shape[0] == round(cfg.teacher.BATCH * 20) * cfg.student.batch_size

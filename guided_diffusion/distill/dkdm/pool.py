@@ -315,16 +315,23 @@ class DynamicBatch:
         self.load_arrays(arrays["total_t"][lo:hi], arrays["total_x_t_1"][lo:hi], source=path)
 
     def setup(self, path: str, progress: bool = True) -> None:
-        """Training start: iterative mode starts from noise; the others load their slice of ``path``,
-        preparing and writing that cache first (rank 0 writes, all ranks wait) when it does not exist."""
+        """Training start: iterative mode starts from noise; the others load their slice of ``path``. When
+        it does not exist, the dynamic mode prepares and writes it first (rank 0 writes, all ranks wait);
+        the shuffled mode, whose ``path`` is the dynamic pool's cache (it reads a prefix of it), prepares its
+        small pool in memory and never writes that file, which would then hold too few items for the
+        dynamic run that shares it."""
         if self.iter_choice == ITERATIVE:
             self.prepare(progress=False)
-        else:
-            if not os.path.exists(path):
-                self.prepare_and_save(path, progress=progress)
-                # training then draws exactly as a run that finds this file would: same pool, same randomness
-                self._seed_generators()
+        elif os.path.exists(path):
             self.load_slice(path)
+        elif self.iter_choice == DYNAMIC:
+            self.prepare_and_save(path, progress=progress)
+            # training then draws exactly as a run that finds this file would: same pool, same randomness
+            self._seed_generators()
+            self.load_slice(path)
+        else:
+            self.prepare(progress=progress)
+            self._seed_generators()
         where = "GPU" if self.pool_device.type == "cuda" else "host memory"
         logger.log(f"dynamic batch: {self.iter_choice}, {self.size} items per rank, pool kept in {where}")
 
