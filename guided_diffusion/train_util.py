@@ -19,8 +19,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import dist_util, logger
 from .infra.checkpoint import (
+    CheckpointError,
+    ResumeSet,
     atomic_torch_save,
     find_resume_set,
+    is_plain_optimizer_state,
     load_state_dict_strict,
     remove_stale_temp_files,
     safe_torch_load,
@@ -482,10 +485,16 @@ class TrainLoop:
             )
 
     def _resume(self, path: str) -> None:
-        found = find_resume_set(
-            path, required=("model", "opt", "ema", *self.required_resume_patterns()),
-            ema_rates=self.ema_rate, extra_patterns=self.required_resume_patterns(),
-        )
+        extra = self.required_resume_patterns()
+        try:
+            found = find_resume_set(path, required=("model", "opt", "ema", *extra), ema_rates=self.ema_rate,
+                                    extra_patterns=extra)
+        except CheckpointError:
+            found = self._authors_set(path)
+            if found is None:
+                raise
+        if found is None:
+            found = self._authors_set(path)
         if found is None:
             saved = saved_ema_rates(path)
             wanted = {str(rate) for rate in self.ema_rate}
@@ -510,6 +519,9 @@ class TrainLoop:
             torch._foreach_copy_(ema, [state[n].to(self.device) for n in names])
         opt_path = found.get("opt")
         payload = safe_torch_load(opt_path, map_location=self.device)
+        if is_plain_optimizer_state(payload):
+            self._resume_authors_run(found, payload)
+            return
         self.opt.load_state_dict(payload["opt"])
         self.mp_trainer.load_state_dict(payload["scaler"])
         for name, module in self.extra_modules.items():
@@ -527,6 +539,38 @@ class TrainLoop:
                         "RNG and data order restart (the run continues, but not bit-exactly)")
         self.resume_files = dict(found.paths)
         self.load_extra_state(payload["extra"])
+
+    def _authors_set(self, path: str) -> ResumeSet | None:
+        """A checkpoint set written by the authors' guided-diffusion loop (model, EMA and an opt file holding
+        a plain optimizer state dict; no files of this project's extras), or None."""
+        try:
+            found = find_resume_set(path, required=("model", "opt", "ema"), ema_rates=self.ema_rate,
+                                    extra_patterns=self.required_resume_patterns())
+        except CheckpointError:
+            return None
+        if found is None or not is_plain_optimizer_state(safe_torch_load(found.get("opt"))):
+            return None
+        return found
+
+    def _resume_authors_run(self, found: ResumeSet, opt_state: dict) -> None:
+        """Continue a run the authors' code wrote: their optimizer state, and the step count their file
+        names under-count by one (their `modelN.pt` is saved after update N + 1). RNG and data order
+        restart; extras resume only from the files such a run has (`load_authors_extra_state`)."""
+        try:
+            self.opt.load_state_dict(opt_state)
+        except ValueError as exc:
+            raise CheckpointError(f"{found.get('opt')}: the authors' optimizer state does not fit this "
+                                  f"run's parameters ({exc})") from None
+        self.step = found.step + 1
+        logger.warn(f"{found.run_dir}: a run of the authors' code (their opt{found.step:06d}.pt is a plain "
+                    f"optimizer state): resuming after {self.step} updates (their file names count one "
+                    "fewer); RNG and data order restart")
+        self.resume_files = dict(found.paths)
+        self.load_authors_extra_state()
+
+    def load_authors_extra_state(self) -> None:
+        """Hook: restore what a resumed authors' run dir holds beyond model, EMA and optimizer (default:
+        nothing)."""
 
     # ----------------------------------------------------------------------------------------- samples
 

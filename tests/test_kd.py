@@ -1,6 +1,7 @@
 """DKDM loop and scripts: strict teacher, T check, masked and extra losses, exact resume, 2-rank run."""
 
 import csv
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -302,3 +303,28 @@ def test_shuffled_run_never_writes_the_dynamic_cache_it_shares(kd_files, tmp_pat
     _run("scripts/image_kd.py", ["--config", str(dynamic), "--exp_dir", str(tmp_path / "dynamic")])
     cfg = load_config(dynamic)
     assert load_cache(pool)["total_t"].shape[0] == round(cfg.teacher.BATCH * 20) * cfg.student.batch_size
+
+
+@pytest.mark.parametrize("with_pool", [True, False])
+def test_authors_run_dir_resumes(kd_files, tmp_path, with_pool):
+    """A run folder as the authors' image_kd writes it (their modelN/ema/optN.pt after N + 1 updates, the
+    opt file a bare AdamW state dict, teacher-state-N.cache only when they saved one) resumes: optimizer
+    state loaded, N + 1 updates counted, the pool from that cache or else from teacher.tempfile."""
+    root, config = kd_files
+    ours, theirs, cont = tmp_path / "ours", tmp_path / "theirs", tmp_path / "cont"
+    steps = ["--config", str(config), "--save_interval", "3"]
+    _run("scripts/image_kd.py", [*steps, "--max_steps", "3", "--exp_dir", str(ours)])
+    theirs.mkdir()
+    shutil.copy(ours / "model000003.pt", theirs / "model000002.pt")
+    shutil.copy(ours / "ema_0.9999_000003.pt", theirs / "ema_0.9999_000002.pt")
+    torch.save(torch.load(ours / "opt000003.pt", weights_only=True)["opt"], theirs / "opt000002.pt")
+    if with_pool:
+        shutil.copy(ours / "teacher-state-000003.cache", theirs / "teacher-state-000002.cache")
+    resume = ["--resume_checkpoint", str(theirs / "model000002.pt"), "--resume_step", "1"]
+    _run("scripts/image_kd.py", [*steps, "--max_steps", "6", "--exp_dir", str(cont), *resume])
+    log = (cont / "log.txt").read_text()
+    assert "a run of the authors' code" in log and "resuming after 3 updates" in log
+    assert ("starts from teacher.tempfile" in log) != with_pool
+    assert sorted(_losses(cont)) == [4, 5, 6] and (cont / "model000006.pt").is_file()
+    resumed_opt = torch.load(cont / "opt000006.pt", weights_only=True)["opt"]["state"]
+    assert int(resumed_opt[0]["step"]) == 6  # Adam's own count: 3 loaded + 3 taken

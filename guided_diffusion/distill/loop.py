@@ -177,6 +177,15 @@ class KDTrainLoop(TrainLoop):
         logger.log(f"restoring the dynamic batch from {path}")
         self.dynamic_batch.load_slice(path, exact=True)
 
+    def load_authors_extra_state(self) -> None:
+        """An authors' run dir: the pool from its `teacher-state-NNNNNN.cache` beside the resumed model, as
+        their loader does, else from `teacher.tempfile` as a fresh start."""
+        if "pool" in self.resume_files:
+            self.load_extra_state({})
+        else:
+            logger.warn("no teacher-state cache beside the resumed checkpoint: the pool starts from "
+                        "teacher.tempfile, as the authors' loader does")
+
     def save_extra_files(self, step: int) -> list[str]:
         """Write the pool (all ranks gathered) as `teacher-state-NNNNNN.cache` beside the checkpoint."""
         path = os.path.join(self.run_dir, POOL_PATTERN.format(step=step))

@@ -394,6 +394,12 @@ def _check_set(
     return paths, problems
 
 
+def is_plain_optimizer_state(payload: Any) -> bool:
+    """True for a bare `optimizer.state_dict()`, the opt file the authors' guided-diffusion loops write
+    (this project's opt file wraps it with the step, RNG, scaler and extras)."""
+    return isinstance(payload, dict) and set(payload) == {"state", "param_groups"}
+
+
 def find_resume_set(
     path: PathLike,
     required: Sequence[str] = ("model",),
