@@ -1,11 +1,13 @@
-"""Mix real and synthetic images for data-limited / data-based training.
+"""Mix real and synthetic images for data-limited / data-based training, picking as the authors' script.
 
     python datasets/mix.py --dataset REAL.npz --synthetic SYN.npz --ratio R --output_dir DIR [--seed 0]
-                           [--format npz|png]
+                           [--format png|npz]
 
 The mixed set has as many images as the real set: exactly round(R * len(real)) real images and the rest
-synthetic, both drawn without replacement with a seeded generator. npz output is `DIR/mixed.npz` (`arr_0`,
-uint8 NHWC); png output is `DIR/<source>_<index>.png`, a folder image_train reads.
+synthetic, each drawn without replacement by numpy's legacy generator seeded with --seed (the authors'
+np.random.seed(0) then np.random.choice, real first), real picks then synthetic picks in draw order, so the
+same seed picks the same images as their script. png output (default, theirs) is DIR/000000.png, ...;
+npz output is DIR/mixed.npz (`arr_0`, uint8 NHWC).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from evaluations.npz_io import InputError, atomic_write, read_image_npz, save_np
 def mix_indices(
     num_real: int, num_synthetic: int, ratio: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (real, synthetic) of a mix of num_real images with round(ratio * num_real) real ones."""
+    """Indices (real, synthetic), in draw order, of a mix of num_real images with round(ratio * num_real)
+    real ones: the authors' draws (one legacy RandomState, real indices first)."""
     if not 0.0 <= ratio <= 1.0:
         raise InputError(f"--ratio must lie in [0, 1], got {ratio}")
     n_real = int(round(ratio * num_real))
@@ -35,29 +38,27 @@ def mix_indices(
         raise InputError(
             f"need {n_syn} synthetic images for ratio {ratio}, the synthetic set has {num_synthetic}"
         )
-    rng = np.random.default_rng(seed)
-    real_idx = np.sort(rng.choice(num_real, size=n_real, replace=False))
-    syn_idx = np.sort(rng.choice(num_synthetic, size=n_syn, replace=False))
+    rng = np.random.RandomState(seed)
+    real_idx = rng.choice(list(range(num_real)), n_real, replace=False)
+    syn_idx = rng.choice(list(range(num_synthetic)), n_syn, replace=False)
     return real_idx, syn_idx
 
 
 def mix_arrays(real: np.ndarray, synthetic: np.ndarray, ratio: float, seed: int = 0) -> np.ndarray:
-    """The mixed uint8 NHWC array (real picks first, then synthetic, then a seeded shuffle)."""
+    """The mixed uint8 NHWC array: the real picks, then the synthetic picks, in draw order."""
     if real.shape[1:] != synthetic.shape[1:]:
         raise InputError(
             f"real images {real.shape[1:]} and synthetic images {synthetic.shape[1:]} differ in size"
         )
     real_idx, syn_idx = mix_indices(len(real), len(synthetic), ratio, seed)
-    mixed = np.concatenate([real[real_idx], synthetic[syn_idx]])
-    order = np.random.default_rng(seed + 1).permutation(len(mixed))
-    return mixed[order]
+    return np.concatenate([real[real_idx], synthetic[syn_idx]])
 
 
-def write_pngs(images: np.ndarray, output_dir: Path, prefix: str = "mixed") -> None:
-    """Write each image atomically as DIR/<prefix>_<index>.png."""
+def write_pngs(images: np.ndarray, output_dir: Path) -> None:
+    """Write each image atomically as DIR/000000.png, DIR/000001.png, ... (the authors' names)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
-        atomic_write(output_dir / f"{prefix}_{i}.png", lambda f, img=img: Image.fromarray(img).save(f, "PNG"))
+        atomic_write(output_dir / f"{i:06d}.png", lambda f, img=img: Image.fromarray(img).save(f, "PNG"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, required=True, help="fraction of real images, e.g. 0.05 .. 1.0")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=("npz", "png"), default="npz")
+    p.add_argument("--format", choices=("png", "npz"), default="png")
     args = p.parse_args(argv)
     try:
         real = read_image_npz(args.dataset)

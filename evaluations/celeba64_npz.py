@@ -1,8 +1,10 @@
 """Pack CelebA into `celeba64_train.npz` (arr_0: uint8 [202599, 64, 64, 3]) with DDPM-IP's preprocessing.
 
-    python evaluations/celeba64_npz.py --data_dir DIR --output celeba64_train.npz [--center_crop 0]
+    python evaluations/celeba64_npz.py [--data_dir ./img_align_celeba] [--output celeba64_train.npz]
+        [--center_crop 0]
 
-DIR holds the aligned JPEGs (`img_align_celeba/*.jpg` or directly). DDPM-IP's published script resizes
+DIR holds the aligned JPEGs (`img_align_celeba/*.jpg` or directly), read in directory-listing order as the
+authors' script reads ./img_align_celeba (the default). DDPM-IP's published script resizes
 the whole 178x218 aligned image to 64x64 with OpenCV's default INTER_LINEAR (no crop, no antialiasing);
 that is the default here. `--center_crop 140` gives the other common protocol (centred 140x140 crop, then
 the same resize).
@@ -11,6 +13,7 @@ the same resize).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,12 +57,12 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def list_images(data_dir: str | Path) -> list[Path]:
-    """Sorted CelebA JPEG/PNG files under DIR/img_align_celeba or DIR."""
+    """CelebA JPEG/PNG files under DIR/img_align_celeba or DIR, in os.listdir order (the authors')."""
     root = Path(data_dir)
     folder = root / "img_align_celeba" if (root / "img_align_celeba").is_dir() else root
     if not folder.is_dir():
         raise InputError(f"{root}: no such directory")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = [folder / n for n in os.listdir(folder) if Path(n).suffix.lower() in (".jpg", ".jpeg", ".png")]
     if not files:
         raise InputError(f"{folder}: no .jpg/.png images")
     return files
@@ -76,7 +79,7 @@ def preprocess(path: Path, crop: int = 0, size: int = IMAGE_SIZE) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the npz; exit code 2 with a one-line message on bad input."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
+    p.add_argument("--data_dir", default="./img_align_celeba", help="default: the authors' folder")
     p.add_argument("--output", default="celeba64_train.npz")
     p.add_argument("--center_crop", type=int, default=0, help="0 = DDPM-IP (no crop); 140 = common protocol")
     p.add_argument("--image_size", type=int, default=IMAGE_SIZE)

@@ -1,14 +1,17 @@
 """Pack CIFAR-10 into the reference batch `cifar10_train.npz` (arr_0: uint8 [50000, 32, 32, 3]).
 
-    python evaluations/cifar_npz.py --data_dir DIR --output cifar10_train.npz [--split train|test]
+    python evaluations/cifar_npz.py [--data_dir ./cifar] [--output cifar10_train.npz] [--split train|test]
 
-DIR is torchvision's download folder (`cifar-10-batches-py/` with the python pickles) or the PNG dump of
-datasets/download_cifar10.py (`train/<class>_<index>.png`). Images keep the dataset's order.
+With no arguments it does what the authors' script does: the PNGs in ./cifar (datasets/download_cifar10.py
+writes cifar_train/; their README has it renamed), read in directory-listing order, into cifar10_train.npz.
+DIR may also be torchvision's download folder (`cifar-10-batches-py/` with the python pickles, read in the
+dataset's order) or a folder holding `<split>/` or `cifar_<split>/` of PNGs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -47,10 +50,10 @@ def _from_pickles(folder: Path, split: str) -> np.ndarray:
 
 
 def _from_pngs(folder: Path) -> np.ndarray:
-    files = [p for p in folder.iterdir() if PNG_NAME.match(p.name)]
+    """The folder's <class>_<index>.png images in os.listdir order, the order the authors' script reads."""
+    files = [folder / name for name in os.listdir(folder) if PNG_NAME.match(name)]
     if not files:
         raise InputError(f"{folder}: no <class>_<index>.png files")
-    files.sort(key=lambda p: int(PNG_NAME.match(p.name).group(1)))
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
 
 
@@ -69,7 +72,7 @@ def load_cifar10(data_dir: str | Path, split: str = "train") -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the npz; exit code 2 with a one-line message on bad input."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
+    p.add_argument("--data_dir", default="./cifar", help="default: ./cifar, as the authors' script")
     p.add_argument("--output", default="cifar10_train.npz")
     p.add_argument("--split", choices=sorted(BATCH_FILES), default="train")
     args = p.parse_args(argv)

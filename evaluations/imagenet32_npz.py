@@ -1,8 +1,9 @@
 """Pack downsampled ImageNet 32x32 into `ImageNet32_train_all.npz` (arr_0: uint8 [1281167, 32, 32, 3]).
 
-    python evaluations/imagenet32_npz.py --data_dir DIR --output ImageNet32_train_all.npz
+    python evaluations/imagenet32_npz.py [--data_dir ./ImageNet64] [--output ImageNet32_train_all.npz]
 
-DIR holds `train_data_batch_1` .. `train_data_batch_10` (the pickled release) or the same names with `.npz`.
+DIR (default ./ImageNet64, the folder the authors' script reads) holds `train_data_batch_1` ..
+`train_data_batch_10` (the pickled release) or the same names with `.npz`.
 Each batch's `data` rows are 3072 bytes: the red plane, then green, then blue, each 32x32 row-major.
 """
 
@@ -46,7 +47,7 @@ def load_imagenet32(data_dir: str | Path) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the npz; exit code 2 with a one-line message on bad input."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
+    p.add_argument("--data_dir", default="./ImageNet64", help="default: the authors' folder")
     p.add_argument("--output", default="ImageNet32_train_all.npz")
     args = p.parse_args(argv)
     return write_images_npz_cli(args.output, lambda: load_imagenet32(args.data_dir), args.data_dir)

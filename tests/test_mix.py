@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def test_mix_cli_npz_and_png_and_errors(real_and_syn, tmp_path, capsys):
                 "0.1",
                 "--output_dir",
                 str(tmp_path / "o"),
+                "--format",
+                "npz",
             ]
         )
         == 0
@@ -61,8 +64,8 @@ def test_mix_cli_npz_and_png_and_errors(real_and_syn, tmp_path, capsys):
     assert arr.shape == real.shape and (arr[:, 1, 1, 0] == 200).sum() == 4
     png_dir = tmp_path / "p"
     args = ["--dataset", real_path, "--synthetic", syn_path, "--ratio", "0.5", "--output_dir", str(png_dir)]
-    assert mix.main(args + ["--format", "png"]) == 0
-    assert len(list(png_dir.glob("*.png"))) == 40
+    assert mix.main(args) == 0
+    assert sorted(p.name for p in png_dir.glob("*.png")) == [f"{i:06d}.png" for i in range(40)]
     few = _save(tmp_path / "few.npz", np.zeros((5, 8, 8, 3), np.uint8))
     assert (
         mix.main(
@@ -79,6 +82,22 @@ def test_mix_cli_npz_and_png_and_errors(real_and_syn, tmp_path, capsys):
         == 2
     )
     assert "differ in size" in capsys.readouterr().err
+
+
+def test_mix_picks_the_images_the_authors_script_picks(real_and_syn, tmp_path):
+    """Their datasets/mix.py: np.random.seed(0), np.random.choice over the real then the synthetic index
+    lists without replacement, real picks then synthetic picks, written as 000000.png, ... in that order."""
+    real, syn, real_path, syn_path = real_and_syn
+    np.random.seed(0)
+    n_real = round(len(real) * 0.3)
+    chosen_real = np.random.choice(list(range(len(real))), n_real, replace=False)
+    chosen_syn = np.random.choice(list(range(len(syn))), len(real) - n_real, replace=False)
+    theirs = np.concatenate([real[chosen_real], syn[chosen_syn]])
+    out = tmp_path / "cifar10_baseline_0.3"
+    assert mix.main(["--dataset", real_path, "--synthetic", syn_path, "--ratio", "0.3", "--output_dir",
+                     str(out)]) == 0
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(len(real))])
+    assert np.array_equal(ours, theirs)
 
 
 def _cifar_rows(n, offset):
@@ -108,10 +127,11 @@ def test_cifar_npz_from_pickles_and_png_dump(tmp_path):
             return Image.fromarray(arr[i]), i % 2
 
     dump = tmp_path / "dump"
-    assert dump_pngs(Fake(), Fake.classes, dump / "train") == 12
-    assert (dump / "train" / "truck_11.png").is_file()
+    assert dump_pngs(Fake(), dump / "cifar_train") == 12
+    assert (dump / "cifar_train" / "car_00011.png").is_file()  # the authors' class names and 5 digits
     assert cifar_npz.main(["--data_dir", str(dump), "--output", str(out)]) == 0
-    assert np.array_equal(np.load(out)["arr_0"], arr[:12])
+    listed = [int(n.split("_")[1][:5]) for n in os.listdir(dump / "cifar_train")]
+    assert np.array_equal(np.load(out)["arr_0"], arr[listed])
     assert cifar_npz.main(["--data_dir", str(tmp_path / "nothing"), "--output", str(out)]) == 2
 
 
@@ -149,7 +169,29 @@ def test_celeba64_resize_matches_area_mean_on_exact_halving_and_cli(tmp_path):
     assert celeba64_npz.main(["--data_dir", str(tmp_path), "--output", str(out)]) == 0
     arr = np.load(out)["arr_0"]
     assert arr.shape == (3, 64, 64, 3)
-    assert np.array_equal(arr[1], celeba64_npz.resize_linear(faces[1], 64, 64))
+    order = [int(n[:6]) - 1 for n in os.listdir(folder)]  # the authors' script reads in listing order
+    assert np.array_equal(arr[order.index(1)], celeba64_npz.resize_linear(faces[1], 64, 64))
     assert celeba64_npz.main(["--data_dir", str(tmp_path), "--output", str(out), "--center_crop", "140"]) == 0
     cropped = celeba64_npz.resize_linear(faces[2][39:179, 19:159], 64, 64)
-    assert np.array_equal(np.load(out)["arr_0"][2], cropped)
+    assert np.array_equal(np.load(out)["arr_0"][order.index(2)], cropped)
+
+
+def test_npz_tools_with_no_arguments_read_the_authors_folders(tmp_path, monkeypatch):
+    """As the authors' scripts: ./cifar -> cifar10_train.npz, ./img_align_celeba -> celeba64_train.npz,
+    ./ImageNet64/train_data_batch_<i>.npz -> ImageNet32_train_all.npz, each folder in listing order."""
+    monkeypatch.chdir(tmp_path)
+    images = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    Path("cifar").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(f"cifar/{('plane', 'car')[i % 2]}_{i:05d}.png")
+    assert cifar_npz.main([]) == 0
+    listed = [int(n.split("_")[1][:5]) for n in os.listdir("cifar")]
+    assert np.array_equal(np.load("cifar10_train.npz")["arr_0"], images[listed])
+    Path("img_align_celeba").mkdir()
+    Image.fromarray(np.zeros((218, 178, 3), np.uint8)).save("img_align_celeba/000001.jpg")
+    assert celeba64_npz.main([]) == 0 and np.load("celeba64_train.npz")["arr_0"].shape == (1, 64, 64, 3)
+    Path("ImageNet64").mkdir()
+    for i in range(1, 11):
+        np.savez(f"ImageNet64/train_data_batch_{i}.npz", data=_cifar_rows(1, i), labels=[i])
+    assert imagenet32_npz.main([]) == 0
+    assert np.load("ImageNet32_train_all.npz")["arr_0"].shape == (10, 32, 32, 3)
