@@ -75,12 +75,13 @@ def ddim_sample(
     y: torch.Tensor | None = None,
     trace: list[dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM from x_T over steps, steps - stride, ..., stride (x0-predicting model): each step
-    clips x0 to [-1, 1] when `clip`, recomputes eps from it and jumps to the next index; the final sample
-    is clipped. `trace` (a list) receives each step's input z, raw and used x0 and eps."""
+    """Deterministic DDIM from x_T over the multiples of `stride` from the largest one <= steps down to
+    stride, as the authors' sampler (x0-predicting model): each step clips x0 to [-1, 1] when `clip`,
+    recomputes eps from it and jumps to the next index; the final sample is clipped. `trace` (a list)
+    receives each step's input z, raw and used x0 and eps."""
     z = x_T
     batch = x_T.shape[0]
-    for step in range(steps, 0, -stride):
+    for step in range(steps // stride * stride, 0, -stride):
         index = torch.full((batch,), step * time_scale, dtype=torch.long, device=x_T.device)
         nxt = torch.full((batch,), (step - stride) * time_scale, dtype=torch.long, device=x_T.device)
         raw = model(z, index, y)

@@ -82,3 +82,16 @@ def test_pd_target_and_truncated_snr_loss(ref):
     torch.testing.assert_close(out["eps_mse"], p["loss_eps_per_item"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["loss"], p["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"], p["loss_via_rdd_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_stride_that_does_not_divide_the_steps_starts_at_its_largest_multiple():
+    """The authors' ddim walks reversed(range(stride, T + 1, stride)): 8 steps at stride 3 visit 6, 3."""
+    schedule = DDPMSchedule()
+    seen = []
+
+    def model(z, index, y):
+        seen.append(int(index[0]))
+        return torch.zeros_like(z)
+
+    ddim_sample(model, schedule, torch.zeros(1, 3, 4, 4), steps=8, time_scale=128, stride=3)
+    assert seen == [6 * 128, 3 * 128]
