@@ -8,8 +8,16 @@
         --base_ckpt logs/CIFAR10/8 --classifier_path classifier/result/cifar10/densenet201 \
         --data_dir cifar10_train.npz                                      # train_rdd.py (README flags)
 
-Every flag of the authors' flagfiles can be given as --<flag>. `--resume` continues a killed run in its
-logdir. Several GPUs: `mpiexec -n N python scripts/rcfd_train.py ...` (batch_size is the global batch).
+The RDD README's lines work as written with this script in place of theirs (`./config` holds their flag
+files; the stage is `--method`, or read from the flags: RDD with --feature/--loss_type, PD with --base_ckpt):
+
+    python -m torch.distributed.launch --nproc_per_node=4 scripts/rcfd_train.py \
+        --flagfile ./config/CIFAR10_PD.txt --gpu_id 0,1,2,3 --logdir ./logs/CIFAR10/512 \
+        --base_ckpt ./logs/CIFAR10/1024
+
+Without --data_dir the training images are torchvision's CIFAR-10 under --dataset_root (/data/dataset, the
+authors' root; downloaded if absent). `--resume` continues a killed run in its logdir. Several GPUs:
+`mpiexec -n N python scripts/rcfd_train.py ...` or the launcher above (batch_size is the global batch).
 """
 
 from __future__ import annotations
@@ -22,10 +30,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs 
 import argparse
 import os
 
-from guided_diffusion import logger
+from evaluations.cifar_npz import load_cifar10
+from evaluations.npz_io import save_npz_atomic
+from guided_diffusion import dist_util, logger
 from guided_diffusion.distill.rcfd_run import CKPT_FILE, STATE_FILE, StageTrainer, parse_flags
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.run_setup import claim_and_configure, join_process_group, run_script
+
+
+def authors_cifar10(root: str) -> str:
+    """The authors' training data when no --data_dir is given: torchvision's CIFAR-10 train split under
+    `root` (downloaded if absent, their /data/dataset by default), packed once into root/cifar10_train.npz
+    by rank 0 while the other ranks wait."""
+    path = os.path.join(root, "cifar10_train.npz")
+    if dist_util.is_main_process() and not os.path.isfile(path):
+        import torchvision
+
+        torchvision.datasets.CIFAR10(root=root, train=True, download=True)
+        save_npz_atomic(path, load_cifar10(root, "train"))
+    dist_util.barrier()
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     args, flags = parse_flags(parser, argv, "yaml/cifar10_32/rcfd/CIFAR10_PD.yaml")
     if not flags["logdir"]:
         parser.exit(2, f"{parser.prog}: error: --logdir is empty\n")
-    if not flags["data_dir"]:
-        parser.exit(2, f"{parser.prog}: error: --data_dir is empty (an image folder or an .npz)\n")
+    if not flags["data_dir"] and flags["img_size"] != 32:
+        parser.exit(2, f"{parser.prog}: error: --data_dir is empty (an image folder or an .npz); only "
+                    f"CIFAR-10 has the authors' default source\n")
     if args.resume and not os.path.isfile(os.path.join(flags["logdir"], STATE_FILE)):
         parser.exit(2, f"{parser.prog}: error: --resume: {flags['logdir']}/{STATE_FILE} does not exist\n")
     if not args.resume and os.path.isfile(os.path.join(flags["logdir"], CKPT_FILE)):
@@ -45,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     world = join_process_group(flags["seed"])
     if flags["batch_size"] % world:
         raise SystemExit(f"error: batch_size {flags['batch_size']} is not divisible by {world} ranks")
+    flags["data_dir"] = flags["data_dir"] or authors_cifar10(flags["dataset_root"])
     claim_and_configure(flags["logdir"], args.resume, flags, flags["method"])
     data = load_data(
         data_dir=flags["data_dir"], batch_size=flags["batch_size"] // world, image_size=flags["img_size"],

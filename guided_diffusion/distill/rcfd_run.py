@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,6 +25,7 @@ from ..ddpm_diffusion import DDPMSchedule, ddim_sample, truncated_snr_loss
 from ..ddpm_unet import DDPMUNet, load_rcfd_checkpoint, save_rcfd_checkpoint
 from ..infra.checkpoint import atomic_torch_save, safe_torch_load
 from ..train_util import rng_state, set_rng_state
+from .rcfd_flags import absl_to_argparse, apply_launch_flags, has_flagfile
 from .rdd import RDDObjective, pd_defaults, rdd_defaults
 
 METHODS = ("base", "pd", "rdd")
@@ -45,7 +47,8 @@ def flag_defaults() -> dict[str, Any]:
         "classifier": "densenet201", "classifier_path": "",
         "stride": 1, "num_images": 50000, "fid_cache": "",
         "method": "base",  # ours: which script this config is for (base, pd, rdd)
-        "data_dir": "",  # ours: the training images (the authors load CIFAR-10 through torchvision)
+        "data_dir": "",  # ours: the training images; empty: the authors' torchvision CIFAR-10
+        "dataset_root": "/data/dataset",  # the authors' torchvision root (rcfd_train.py, no data_dir)
         "queue_layout": "authors", "post_relu_map": True, "teacher_clip": False, "gt_student_x0": False,
         "log_interval": 100,  # ours: steps between progress.csv rows
         "random_flip": True,  # ours: the authors flip CIFAR-10 horizontally; digits configs turn it off
@@ -74,15 +77,34 @@ def overrides_from(args: Any) -> dict[str, Any]:
 
 
 def parse_flags(parser: Any, argv: list[str] | None, example: str) -> tuple[Any, dict[str, Any]]:
-    """Add `--config` (a flag YAML like `example`) and every `--<flag>` to the scripts' parser, parse, and
-    return (args, flags); a bad config exits with a one-line error."""
-    parser.add_argument("--config", required=True, help=f"flag YAML ({example})")
+    """Add `--config` (a flag YAML like `example`) and every `--<flag>` to the scripts' parser, parse the
+    command line (also as the RDD README writes it: `--flagfile`, bare and `--no` booleans, repeated
+    multi-flags, `--gpu_id`, the launcher's `--local-rank`; rcfd_flags), and return (args, flags); a bad
+    config exits with a one-line error. Without `--config` the flags start from the defaults."""
+    parser.add_argument("--config", default="", help=f"flag YAML ({example}); or the authors' --flagfile")
     add_flag_arguments(parser)
-    args = parser.parse_args(argv)
     try:
-        return args, load_flags(args.config, overrides_from(args))
+        given = sys.argv[1:] if argv is None else list(argv)
+        plain, launch = absl_to_argparse(given, flag_defaults())
+        args = parser.parse_args(plain)
+        if not args.config and not has_flagfile(given):
+            raise ConfigError(f"give --config (a flag YAML like {example}) or the authors' --flagfile")
+        apply_launch_flags(launch)
+        overrides = overrides_from(args)
+        if not args.config and "method" not in overrides:
+            overrides["method"] = infer_method(overrides)
+        return args, load_flags(args.config, overrides)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def infer_method(flags: Mapping[str, Any]) -> str:
+    """The stage a flag-file command trains when it names no `--method`: RDD when it asks for the
+    relational losses (`--feature`, a `--loss_type`, a classifier), PD when it names a teacher
+    (`--base_ckpt`), else a base model; the README's PD.py and train_rdd.py lines share one flag file."""
+    if flags.get("feature") or flags.get("loss_type", "none") != "none" or flags.get("classifier_path"):
+        return "rdd"
+    return "pd" if flags.get("base_ckpt") else "base"
 
 
 def load_flags(path: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -91,8 +113,11 @@ def load_flags(path: str, overrides: Mapping[str, Any] | None = None) -> dict[st
 
     from ..config import check_file_exists
 
-    source = str(check_file_exists(path, "config file"))
-    raw = OmegaConf.to_container(OmegaConf.load(source), resolve=True)
+    if path:
+        source = str(check_file_exists(path, "config file"))
+        raw = OmegaConf.to_container(OmegaConf.load(source), resolve=True)
+    else:
+        source, raw = "command line", {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of flags")
     flags = resolve_with_defaults(raw, flag_defaults(), source, "the flags")
