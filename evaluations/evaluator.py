@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="also write the metrics as JSON to this file")
+    p.add_argument("--dry_run", action="store_true", help="read and check both batches, then exit")
     return p
 
 
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.realpath(args.json) in inputs:
                 raise InputError(f"--json {args.json} would overwrite an input file")
         ref_images, sample_images = load_batches(args.ref_batch, args.sample_batch)
+        if args.dry_run:
+            print(f"dry run: {len(ref_images)} reference and {len(sample_images)} sample images of "
+                  f"{ref_images.shape[1]}x{ref_images.shape[2]} read; no features computed")
+            return 0
         weights = args.inception_path if args.features == "inception" else args.weights_path
         extractor = get_feature_extractor(args.features, args.device, weights, args.batch_size, args.tf_graph)
         inception_like = args.features in INCEPTION_LIKE

@@ -25,9 +25,27 @@ TRAINING_KINDS = ("train", "kd", "step_distill")  # runs that write checkpoints 
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags `start_run` reads: `--exp_dir` (run dir) and `--wandb [PROJECT]`."""
+    """The flags `start_run` reads: `--exp_dir` (run dir), `--wandb [PROJECT]` and `--dry_run`."""
     parser.add_argument("--exp_dir", default=None, help="run dir (default experiments/<kind>/<stem>-<time>)")
     parser.add_argument("--wandb", nargs="?", const="dkdm", default=None, help="log to this W&B project")
+    parser.add_argument(
+        "--dry_run", action="store_true",
+        help="check the command (config, input files, models built on the meta device) and exit",
+    )
+
+
+def dry_run(kind: str, cfg: Mapping[str, Any]) -> NoReturn:
+    """The end of a `--dry_run`: every section's network built on the meta device (its architecture and
+    shapes checked, no memory, no weights read), one summary line, exit 0 before any run dir or process
+    group exists. The config and input-file checks ran before this."""
+    sections = {name: cfg[name] for name in ("teacher", "student") if name in cfg} or {"model": cfg}
+    parts = []
+    for name, section in sections.items():
+        with torch.device("meta"):
+            model, _ = create_any_model_and_diffusion(**model_and_diffusion_kwargs(section))
+        parts.append(f"{name} {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"dry run ({kind}): {cfg.get(SOURCE_KEY, 'config')}: {', '.join(parts)}; inputs found; nothing run")
+    raise SystemExit(0)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,6 +72,8 @@ def start_run(kind: str, cfg: DictConfig, args: argparse.Namespace, split_batch:
     configure the logger there and save the resolved config. A run dir another process holds, or a fresh
     training run into a dir with checkpoints, stops every rank with a one-line error (run_lock).
     `split_batch=False` for sampling, whose batch_size is per rank."""
+    if getattr(args, "dry_run", False):
+        dry_run(kind, cfg)
     section = primary_section(cfg)
     world = join_process_group(int(section.get("seed", 0)))
     if split_batch:

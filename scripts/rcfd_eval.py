@@ -23,7 +23,7 @@ import numpy as np
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.ddpm_diffusion import DDPMSchedule
-from guided_diffusion.distill.rcfd_run import load_stage_model, parse_flags, sample_npz
+from guided_diffusion.distill.rcfd_run import dry_run, load_stage_model, parse_flags, sample_npz
 from guided_diffusion.sampling import save_grid, save_samples
 
 
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sample an RCFD/RDD model with DDIM for evaluation.")
     parser.add_argument("--output_dir", default=None, help="default <logdir>/ddim_stride<stride>")
     args, flags = parse_flags(parser, argv, "yaml/cifar10_32/rcfd/CIFAR10_EVAL.yaml")
+    if args.dry_run:
+        dry_run(flags, {"--logdir": flags["logdir"]})
     device = dist_util.dev()
     model, meta = load_stage_model(flags["logdir"], flags, device)
     steps, scale = meta["T"], meta["time_scale"]

@@ -33,7 +33,7 @@ import os
 from evaluations.cifar_npz import load_cifar10
 from evaluations.npz_io import save_npz_atomic
 from guided_diffusion import dist_util, logger
-from guided_diffusion.distill.rcfd_run import CKPT_FILE, STATE_FILE, StageTrainer, parse_flags
+from guided_diffusion.distill.rcfd_run import CKPT_FILE, STATE_FILE, StageTrainer, dry_run, parse_flags
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.run_setup import claim_and_configure, join_process_group, run_script
 
@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume and os.path.isfile(os.path.join(flags["logdir"], CKPT_FILE)):
         message = f"{flags['logdir']} already holds a {CKPT_FILE}; pass --resume or another --logdir"
         parser.exit(2, f"{parser.prog}: error: {message}\n")
+    if args.dry_run:
+        reads = {"--base_ckpt": flags["base_ckpt"] if flags["method"] != "base" else "",
+                 "--classifier_path": flags["classifier_path"] if flags["feature"] else ""}
+        dry_run(flags, reads)
     world = join_process_group(flags["seed"])
     if flags["batch_size"] % world:
         raise SystemExit(f"error: batch_size {flags['batch_size']} is not divisible by {world} ranks")

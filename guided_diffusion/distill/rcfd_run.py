@@ -82,6 +82,7 @@ def parse_flags(parser: Any, argv: list[str] | None, example: str) -> tuple[Any,
     multi-flags, `--gpu_id`, the launcher's `--local-rank`; rcfd_flags), and return (args, flags); a bad
     config exits with a one-line error. Without `--config` the flags start from the defaults."""
     parser.add_argument("--config", default="", help=f"flag YAML ({example}); or the authors' --flagfile")
+    parser.add_argument("--dry_run", action="store_true", help="check flags, inputs and the UNet; exit")
     add_flag_arguments(parser)
     try:
         given = sys.argv[1:] if argv is None else list(argv)
@@ -96,6 +97,19 @@ def parse_flags(parser: Any, argv: list[str] | None, example: str) -> tuple[Any,
         return args, load_flags(args.config, overrides)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def dry_run(flags: Mapping[str, Any], reads: Mapping[str, str]) -> None:
+    """The end of a `--dry_run`: the files the command reads exist (`reads`: what -> path; a logdir
+    stands for its ckpt.pt) and the flags' UNet builds on the meta device; exit 0 before any work."""
+    for what, path in reads.items():
+        if path and not os.path.exists(os.path.join(path, CKPT_FILE) if os.path.isdir(path) else path):
+            raise SystemExit(f"error: {what} {path}: no {CKPT_FILE} there")
+    with torch.device("meta"):
+        unet = build_unet(flags, flags["T"] * flags["time_scale"])
+    count = sum(p.numel() for p in unet.parameters())
+    print(f"dry run ({flags['method']}): {flags['config']}: UNet {count:,} parameters; inputs found")
+    raise SystemExit(0)
 
 
 def infer_method(flags: Mapping[str, Any]) -> str:
