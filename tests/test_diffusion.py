@@ -331,8 +331,9 @@ def test_kd_self_distillation_is_zero_and_gradients_split():
         teacher = diffusion.p_sample(student, x_t, t, clip_denoised=False)
     terms = diffusion.training_losses_kd(student, x_t=x_t, t=t, out=teacher, x_tm1=teacher["sample"])
     close(terms["loss"], torch.zeros(3))
-    shifted = {
+    shifted = {  # means apart too: at equal means the KL's mean gradient is zero whether frozen or not
         **teacher,
+        "mean": teacher["mean"] + 0.3,
         "model_output": teacher["model_output"] + 1,
         "log_variance": teacher["log_variance"] + 1,
     }

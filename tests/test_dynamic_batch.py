@@ -411,3 +411,17 @@ def test_a_dynamic_pool_from_a_larger_cache_warns_once_and_the_shuffled_one_stay
     make_pool(teacher_and_diffusion).load_slice(str(exact))
     make_pool(teacher_and_diffusion, rank=1, world_size=2).load_slice(str(big))  # rank 1 leaves it to rank 0
     assert len(warnings) == 1
+
+
+def test_teacher_step_is_the_mean_plus_its_std_times_the_pools_own_noise(teacher_and_diffusion):
+    """x_{t-1} = mean + exp(0.5 * log_variance) * z with z the next draw of the pool's noise generator,
+    replayed by hand (a variance in place of the standard deviation, or another generator, fails)."""
+    pool = make_pool(teacher_and_diffusion, iter_choice=SHUFFLED)
+    pool.prepare(progress=False)
+    x_t = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([5, 1, 9, 12])
+    replay = torch.Generator().set_state(pool.noise_gen.get_state())
+    x_tm1, out = pool.teacher_step(x_t, t)
+    z = torch.randn((B, 3, 16, 16), generator=replay)
+    assert out["log_variance"].exp().max() < 0.9  # std and variance differ here
+    torch.testing.assert_close(x_tm1, out["mean"] + torch.exp(0.5 * out["log_variance"]) * z, rtol=0, atol=0)

@@ -1,0 +1,68 @@
+"""The training step's arithmetic against hand-computed values: gradient clipping and the logged norm,
+the EMA update, and fp16 loss scaling (halving on overflow, growth after a clean interval)."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from guided_diffusion.infra.mixed_precision import MixedPrecisionTrainer
+from guided_diffusion.train_util import TrainLoop
+
+
+def _linear_with_grads(grads: list[float]) -> torch.nn.Linear:
+    model = torch.nn.Linear(len(grads), 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    model.weight.grad = torch.tensor([grads])
+    return model
+
+
+def test_grad_clip_scales_the_gradient_to_the_limit_and_logs_the_norm_before_clipping():
+    model = _linear_with_grads([3.0, 4.0])  # norm 5
+    trainer = MixedPrecisionTrainer(model, grad_clip=0.5)
+    trainer.optimize(torch.optim.SGD(model.parameters(), lr=1.0))
+    assert float(trainer.grad_norm) == 5.0
+    torch.testing.assert_close(model.weight, torch.tensor([[1.0 - 0.3, 1.0 - 0.4]]), rtol=0, atol=1e-6)
+    unclipped = _linear_with_grads([3.0, 4.0])
+    MixedPrecisionTrainer(unclipped, grad_clip=0.0).optimize(torch.optim.SGD(unclipped.parameters(), lr=1.0))
+    torch.testing.assert_close(unclipped.weight, torch.tensor([[-2.0, -3.0]]))
+    small = _linear_with_grads([0.3, 0.4])  # under the limit: untouched
+    MixedPrecisionTrainer(small, grad_clip=0.5).optimize(torch.optim.SGD(small.parameters(), lr=1.0))
+    torch.testing.assert_close(small.weight, torch.tensor([[0.7, 0.6]]))
+
+
+def test_ema_moves_one_minus_rate_of_the_way_and_not_after_a_skipped_step():
+    """ema <- rate * ema + (1 - rate) * param, for every rate; a skipped step leaves it."""
+    param = torch.nn.Parameter(torch.tensor([10.0, -2.0]))
+    loop = types.SimpleNamespace(
+        ema_rate=[0.9, 0.5], model_params=[param],
+        ema_params=[[torch.tensor([0.0, 0.0])], [torch.tensor([4.0, 4.0])]],
+        mp_trainer=types.SimpleNamespace(step_taken=torch.tensor(1.0)),
+    )
+    TrainLoop._update_ema(loop)
+    torch.testing.assert_close(loop.ema_params[0][0], torch.tensor([1.0, -0.2]))
+    torch.testing.assert_close(loop.ema_params[1][0], torch.tensor([7.0, 1.0]))
+    loop.mp_trainer.step_taken = torch.tensor(0.0)
+    TrainLoop._update_ema(loop)
+    torch.testing.assert_close(loop.ema_params[1][0], torch.tensor([7.0, 1.0]))
+
+
+def test_fp16_loss_scale_halves_on_overflow_and_doubles_after_a_clean_interval():
+    """The scaler's arithmetic, run on a CPU parameter (the update itself runs only where fp16 does):
+    an inf gradient skips the step and halves the scale; `growth_interval` clean steps double it."""
+    model = _linear_with_grads([1.0, 1.0])
+    trainer = MixedPrecisionTrainer(model, fp16_scale_growth=0.5, initial_lg_loss_scale=4.0)
+    trainer.precision = "fp16"  # the CPU falls back to fp32; exercise the fp16 scaler path directly
+    trainer.scale.fill_(16.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.weight.grad = torch.tensor([[float("inf"), 1.0]])
+    trainer.optimize(opt)
+    assert float(trainer.scale) == 8.0 and float(trainer.step_taken) == 0.0
+    torch.testing.assert_close(model.weight, torch.ones(1, 2))  # skipped
+    for _ in range(2):  # growth_interval = round(1 / 0.5) = 2
+        model.weight.grad = torch.tensor([[8.0, 8.0]])  # scaled by 8: unscaled 1.0
+        trainer.optimize(opt)
+    assert float(trainer.scale) == 16.0
+    torch.testing.assert_close(model.weight, torch.full((1, 2), -1.0))
