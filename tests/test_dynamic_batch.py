@@ -425,3 +425,10 @@ def test_teacher_step_is_the_mean_plus_its_std_times_the_pools_own_noise(teacher
     z = torch.randn((B, 3, 16, 16), generator=replay)
     assert out["log_variance"].exp().max() < 0.9  # std and variance differ here
     torch.testing.assert_close(x_tm1, out["mean"] + torch.exp(0.5 * out["log_variance"]) * z, rtol=0, atol=0)
+
+
+def test_keep_fraction_follows_an_asymmetric_prob(teacher_and_diffusion, prepared_state):
+    """prob = 0.2 keeps about a fifth of the items (0.5 cannot tell `<` from `>` in the draw)."""
+    pool = prepared_pool(teacher_and_diffusion, prepared_state, prob=0.2, prob_per_item=True)
+    kept = [w for _ in range(60) for w in pool.draw()["weights"].tolist()]
+    assert 0.1 < np.mean(kept) < 0.3
