@@ -343,3 +343,21 @@ def test_missing_published_teacher_names_the_download(config, published, tmp_pat
     assert "save it as model/" in line and not (tmp_path / "run").exists()
     with pytest.raises(CheckpointError, match=f"download {published}"):
         safe_torch_load(tmp_path / load_config(REPO / config).teacher.model_path)
+
+
+def test_image_sample_refuses_a_checkpoint_trained_with_other_shape_blind_settings(tmp_path):
+    """A run dir's config.yaml records predict_xstart true; sampling its model as an eps model would draw
+    noise with weights that load fine, so image_sample stops in one line naming the key, writing nothing."""
+    cfg = load_config(REPO / "tests/configs/tiny_baseline.yaml")
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(cfg))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(model.state_dict(), run / "model000003.pt")
+    (run / "config.yaml").write_text("predict_xstart: true\nnorm_groups: 32\n")
+    out = tmp_path / "samples"
+    code, err = _script("image_sample.py", ["--config", "tests/configs/tiny_baseline.yaml", "--model_path",
+                                            str(run / "model000003.pt"), "--num_samples", "2",
+                                            "--batch_size", "2", "--output_dir", str(out)])
+    assert code != 0 and "predict_xstart: trained True, now False" in _last_line(err), err[-1500:]
+    assert not list(out.glob("*.npz"))
