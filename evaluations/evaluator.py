@@ -35,23 +35,27 @@ def _statistics(
     """(pool stats, spatial stats or None): ADM's stored mu/sigma/mu_s/sigma_s when allowed, else computed."""
     stored = read_npz_stats(path) if use_precomputed else None
     if stored is not None:
-        bad = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if not np.isfinite(stored[key]).all()]
+        bad = [k for k, v in stored.items() if v is not None and not np.isfinite(v).all()]
         if bad:
             raise InputError(f"{path}: stored statistics {', '.join(bad)} hold NaN or inf values")
-        if stored["mu"].shape[-1] != feats["pool"].shape[1]:
+        if feats is not None and stored["mu"].shape[-1] != feats["pool"].shape[1]:
             raise InputError(
                 f"{path}: stored mu has {stored['mu'].shape[-1]} dims, features have {feats['pool'].shape[1]}"
             )
-        return (stored["mu"], stored["sigma"]), (stored["mu_s"], stored["sigma_s"])
+        spatial = (stored["mu_s"], stored["sigma_s"]) if stored["mu_s"] is not None else None
+        return (stored["mu"], stored["sigma"]), spatial
     pool = metrics.compute_statistics(feats["pool"])
     spatial = metrics.compute_statistics(feats["spatial"]) if feats.get("spatial") is not None else None
     return pool, spatial
 
 
-def load_batches(ref_path: str, sample_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate both image batches; they must share the image size."""
-    ref_images = read_image_npz(ref_path)
+def load_batches(ref_path: str, sample_path: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """Read and validate both image batches; they must share the image size. A reference holding only
+    statistics (a pytorch-fid `mu`/`sigma` file, e.g. RDD's --fid_cache) gives None: FID alone."""
     sample_images = read_image_npz(sample_path)
+    if _statistics_only(ref_path):
+        return None, sample_images
+    ref_images = read_image_npz(ref_path)
     if ref_images.shape[1:] != sample_images.shape[1:]:
         raise InputError(
             f"{sample_path}: image size {sample_images.shape[1:3]} differs from "
@@ -60,9 +64,15 @@ def load_batches(ref_path: str, sample_path: str) -> tuple[np.ndarray, np.ndarra
     return ref_images, sample_images
 
 
+def _statistics_only(path: str) -> bool:
+    """True for a reference npz with `mu` and `sigma` but no images."""
+    with np.load(path) as data:
+        return "arr_0" not in data.files and "mu" in data.files
+
+
 def evaluate(
     ref_path: str,
-    ref_images: np.ndarray,
+    ref_images: np.ndarray | None,
     sample_path: str,
     sample_images: np.ndarray,
     extractor: FeatureExtractor,
@@ -73,14 +83,19 @@ def evaluate(
     Features are extracted with TF32 off. An extractor may bring ADM's own arithmetic for the Inception Score
     (`class_probabilities`) and for precision/recall (`pairwise_sq_distances`); the TF graph backend does.
     """
-    print(f"computing reference batch activations {ref_path}...")
-    with tf32_disabled():
-        ref_feats = extractor.features(ref_images)
-    ref_stats, ref_spatial = _statistics(ref_path, ref_feats, inception_like)
+    ref_feats = None
+    if ref_images is not None:
+        print(f"computing reference batch activations {ref_path}...")
+        with tf32_disabled():
+            ref_feats = extractor.features(ref_images)
+    ref_stats, ref_spatial = _statistics(ref_path, ref_feats, inception_like or ref_feats is None)
     print(f"computing sample batch activations {sample_path}...")
     with tf32_disabled():
         sample_feats = extractor.features(sample_images)
     sample_stats, sample_spatial = _statistics(sample_path, sample_feats, inception_like)
+    if ref_feats is None and ref_stats[0].shape[-1] != sample_stats[0].shape[-1]:
+        raise InputError(f"{ref_path}: stored mu has {ref_stats[0].shape[-1]} dims, the sample features "
+                         f"{sample_stats[0].shape[-1]}")
     print("Computing evaluations...")
     result: dict[str, float | None] = {
         "inception_score": _inception_score(extractor, sample_feats) if inception_like else None,
@@ -91,6 +106,9 @@ def evaluate(
             else None
         ),
     }
+    if ref_feats is None:  # statistics-only reference: no reference features to compare manifolds with
+        result["precision"] = result["recall"] = None
+        return result
     distances = getattr(extractor, "pairwise_sq_distances", metrics.pairwise_sq_distances)
     result["precision"], result["recall"] = metrics.precision_recall(
         ref_feats["pool"], sample_feats["pool"], distances=distances
@@ -113,8 +131,9 @@ def _print_results(result: dict[str, float | None], spec: str) -> None:
             print(f"{label[:-1]}: not available for the '{spec}' feature network")
         else:
             print(label, result[key])
-    print("Precision:", result["precision"])
-    print("Recall:", result["recall"])
+    for key in ("precision", "recall"):
+        value = result[key]
+        print(f"{key.capitalize()}:", "n/a (statistics-only reference)" if value is None else value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--json {args.json} would overwrite an input file")
         ref_images, sample_images = load_batches(args.ref_batch, args.sample_batch)
         if args.dry_run:
-            print(f"dry run: {len(ref_images)} reference and {len(sample_images)} sample images of "
-                  f"{ref_images.shape[1]}x{ref_images.shape[2]} read; no features computed")
+            refs = "statistics" if ref_images is None else f"{len(ref_images)} reference images"
+            print(f"dry run: {refs} and {len(sample_images)} sample images read; no features computed")
             return 0
         weights = args.inception_path if args.features == "inception" else args.weights_path
         extractor = get_feature_extractor(args.features, args.device, weights, args.batch_size, args.tf_graph)

@@ -113,16 +113,16 @@ def _check_declared_size(path: Path, key: str) -> None:
         )
 
 
-def read_npz_stats(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
-    """ADM's precomputed statistics (mu, sigma, mu_s, sigma_s) when the npz has `mu`, else None."""
+def read_npz_stats(path: str | os.PathLike) -> dict[str, np.ndarray | None] | None:
+    """Precomputed statistics when the npz has `mu`, else None: ADM's mu, sigma, mu_s, sigma_s, or a
+    pytorch-fid statistics file's mu and sigma alone (mu_s and sigma_s then None)."""
     path = Path(path)
     with _open_npz(path) as data:
         if "mu" not in data.files:
             return None
-        missing = [k for k in STAT_KEYS if k not in data.files]
-        if missing:
-            raise InputError(f"{path}: has 'mu' but lacks {missing}")
-        return {k: np.asarray(data[k], dtype=np.float64) for k in STAT_KEYS}
+        if "sigma" not in data.files or ("mu_s" in data.files) != ("sigma_s" in data.files):
+            raise InputError(f"{path}: has 'mu' but lacks {[k for k in STAT_KEYS if k not in data.files]}")
+        return {k: np.asarray(data[k], dtype=np.float64) if k in data.files else None for k in STAT_KEYS}
 
 
 def _reconstruct_fn() -> Callable:

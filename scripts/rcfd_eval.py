@@ -17,10 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
 
 import argparse
+import json
 import os
 
 import numpy as np
 
+from evaluations.evaluator import evaluate
+from evaluations.feature_extractors import get_feature_extractor
+from evaluations.npz_io import atomic_write
 from guided_diffusion import dist_util, logger
 from guided_diffusion.ddpm_diffusion import DDPMSchedule
 from guided_diffusion.distill.rcfd_run import dry_run, load_stage_model, parse_flags, sample_npz
@@ -31,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags, load the logdir's model, sample num_images and write them."""
     parser = argparse.ArgumentParser(description="Sample an RCFD/RDD model with DDIM for evaluation.")
     parser.add_argument("--output_dir", default=None, help="default <logdir>/ddim_stride<stride>")
+    parser.add_argument("--inception_path", default=None, help="FID Inception weights for --fid_cache")
     args, flags = parse_flags(parser, argv, "yaml/cifar10_32/rcfd/CIFAR10_EVAL.yaml")
+    if flags["fid_cache"] and not os.path.isfile(flags["fid_cache"]):
+        parser.exit(2, f"{parser.prog}: error: --fid_cache {flags['fid_cache']} not found (pytorch-fid "
+                    "mu/sigma of the training set; --fid_cache '' samples without scoring)\n")
     if args.dry_run:
         dry_run(flags, {"--logdir": flags["logdir"]})
     device = dist_util.dev()
@@ -53,6 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     path = save_samples(images, out_dir)
     save_grid(images[:64], os.path.join(out_dir, f"samples_seed{flags['seed']}.png"))
     logger.log(f"wrote {path} ({images.shape}, mean {np.mean(images):.1f})")
+    if flags["fid_cache"]:
+        score_against_cache(images, path, flags["fid_cache"], args.inception_path, out_dir)
+
+
+def score_against_cache(images: np.ndarray, path: str, cache: str, weights: str | None, out_dir: str) -> None:
+    """FID (and IS) of the samples against the training set's pytorch-fid statistics, as the authors'
+    ddim_eval.py scores in-script; written to out_dir/metrics.json."""
+    extractor = get_feature_extractor("inception", None, weights)
+    result = evaluate(cache, None, path, images, extractor, inception_like=True)
+    logger.log(f"FID {result['fid']:.3f} against {cache}; Inception Score {result['inception_score']:.3f}")
+    atomic_write(os.path.join(out_dir, "metrics.json"),
+                 lambda f: f.write((json.dumps({"fid_cache": cache, **result}, indent=2) + "\n").encode()))
 
 
 if __name__ == "__main__":

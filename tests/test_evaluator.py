@@ -337,3 +337,29 @@ def test_npz_header_claiming_more_than_the_file_holds_is_refused_before_allocati
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'huge.npz'}: 'arr_0' declares shape (100000000, 32, 32, 3)")
     assert "286 GiB" in err and "\n" not in err
+
+
+def test_statistics_only_reference_gives_fid_alone(tmp_path, capsys):
+    """A pytorch-fid statistics file (mu, sigma; RDD's --fid_cache) as the reference: FID against it, no
+    precision/recall (no reference features), and a dimension mismatch named in one line."""
+    from datasets.digits import load_digits
+    from evaluations import metrics
+
+    images = load_digits("ref")[0][:40]
+    sample = _npz(tmp_path / "sample.npz", images)
+    extractor = get_feature_extractor("digits", "cpu")
+    feats = extractor.features(images)["pool"]
+    mu, sigma = np.zeros(feats.shape[1]), np.eye(feats.shape[1]) * 2.0
+    stats = tmp_path / "cifar10.train.npz"
+    np.savez(stats, mu=mu, sigma=sigma)
+    ref_images, sample_images = evaluator.load_batches(str(stats), sample)
+    assert ref_images is None
+    result = evaluator.evaluate(str(stats), None, sample, sample_images, extractor, inception_like=False)
+    expected = metrics.frechet_distance(*metrics.compute_statistics(feats), mu, sigma)
+    assert result["fid"] == pytest.approx(expected)
+    assert result["precision"] is None and result["recall"] is None and result["sfid"] is None
+    assert evaluator.main([str(stats), sample, "--features", "digits", "--device", "cpu"]) == 0
+    assert "Precision: n/a" in capsys.readouterr().out
+    np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
+    assert evaluator.main([str(stats), sample, "--features", "digits", "--device", "cpu"]) == 2
+    assert "stored mu has 3 dims" in capsys.readouterr().err

@@ -156,3 +156,33 @@ def test_two_ranks_train_an_rdd_stage_in_sync(digits, tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "per-rank BatchNorm statistics" in (tmp_path / "rdd" / "log.txt").read_text()
+
+
+def test_eval_scores_fid_against_the_fid_cache_and_refuses_a_missing_one(digits, tmp_path, monkeypatch):
+    """ddim_eval.py scores FID in-script against --fid_cache (pytorch-fid mu/sigma); rcfd_eval does the
+    same through the evaluator (checked here with the digits features in place of Inception), and a
+    cache that is not there stops the command before any sampling."""
+    import importlib.util
+    import json
+
+    from evaluations import metrics
+    from evaluations.feature_extractors import get_feature_extractor
+
+    proc = _run(["scripts/rcfd_eval.py", "--config", "yaml/digits_16/rcfd/DIGITS_EVAL.yaml", "--logdir",
+                 str(tmp_path), "--fid_cache", str(tmp_path / "none.npz")], ok=False)
+    assert proc.returncode == 2 and "--fid_cache" in proc.stderr.strip().splitlines()[-1]
+    spec = importlib.util.spec_from_file_location("_rcfd_eval", REPO / "scripts" / "rcfd_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    digits_features = get_feature_extractor("digits", "cpu")
+    monkeypatch.setattr(module, "get_feature_extractor", lambda *args: digits_features)
+    images = np.load(digits)["arr_0"][:20]
+    dims = digits_features.features(images[:2])["pool"].shape[1]
+    cache = tmp_path / "cifar10.train.npz"
+    np.savez(cache, mu=np.zeros(dims), sigma=np.eye(dims))
+    module.logger.configure(str(tmp_path), format_strs=["log"])
+    np.savez(tmp_path / "s.npz", images)  # the sample batch rcfd_eval has just written
+    module.score_against_cache(images, str(tmp_path / "s.npz"), str(cache), None, str(tmp_path))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    stats = metrics.compute_statistics(digits_features.features(images)["pool"])
+    assert written["fid"] == pytest.approx(metrics.frechet_distance(*stats, np.zeros(dims), np.eye(dims)))

@@ -6,7 +6,8 @@ What the test substitutes, and only that (README.md, "The papers' commands", sho
   * `CUDA_VISIBLE_DEVICES=...`, `NCCL_P2P_DISABLE=1`, `mpiexec -n N` and `python -m torch.distributed.launch
     --nproc_per_node=N` are the launch; the script's own flags are kept as written;
   * `path/to/config` and `/path/to/config`: each config the same README lists that the script takes;
-  * `path/to/synthetic_data`, `/path/to/model`: stand-ins; `x` in `CUDA_VISIBLE_DEVICES=x`: not used;
+  * `path/to/synthetic_data`, `/path/to/model`, the files earlier steps write (teachers in model/, RDD's
+    logs/.../ckpt.pt and stats/cifar10.train.npz): stand-ins; `x` in `CUDA_VISIBLE_DEVICES=x`: not used;
   * the READMEs' typos `script/image_sample.py` -> `scripts/image_sample.py`;
   * RDD: `train_base.py`, `PD.py`, `train_rdd.py` -> `scripts/rcfd_train.py`, `ddim_eval.py` ->
     `scripts/rcfd_eval.py` (their flag files are this project's `./config/`);
@@ -93,6 +94,8 @@ def make_standins(root: Path) -> None:
     (root / "path" / "to").mkdir(parents=True)
     for name in ("cifar10_train.npz", "sample_batch.npz"):
         np.savez(root / "path" / "to" / name, np.zeros((4, 32, 32, 3), np.uint8))
+    (root / "stats").mkdir()  # RDD's get_npz.py output, ddim_eval's --fid_cache
+    np.savez(root / "stats" / "cifar10.train.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     (root / "config").symlink_to(REPO / "config")
 
 
