@@ -10,8 +10,9 @@ What the test substitutes, and only that (README.md, "The papers' commands", sho
     logs/.../ckpt.pt and stats/cifar10.train.npz): stand-ins; `x` in `CUDA_VISIBLE_DEVICES=x`: not used;
   * the READMEs' typos `script/image_sample.py` -> `scripts/image_sample.py`;
   * RDD: `train_base.py`, `PD.py`, `train_rdd.py` -> `scripts/rcfd_train.py`, `ddim_eval.py` ->
-    `scripts/rcfd_eval.py` (their flag files are this project's `./config/`);
-  * not run yet (listed by the test): RDD's classifier `train.py` and `get_npz.py`.
+    `scripts/rcfd_eval.py` (their flag files are this project's `./config/`), the classifier's `train.py`
+    -> `scripts/rdd_classifier_train.py`;
+  * not run yet (listed by the test): RDD's `get_npz.py`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from script_env import REPO
 
 SEEDS = REPO.parent / "shared" / "seeds"
 RDD_SCRIPTS = {"train_base.py": "scripts/rcfd_train.py", "PD.py": "scripts/rcfd_train.py",
-               "train_rdd.py": "scripts/rcfd_train.py", "ddim_eval.py": "scripts/rcfd_eval.py"}
+               "train_rdd.py": "scripts/rcfd_train.py", "ddim_eval.py": "scripts/rcfd_eval.py",
+               "train.py": "scripts/rdd_classifier_train.py"}
 TYPOS = {"script/image_sample.py": "scripts/image_sample.py"}
-NOT_YET = ("train.py", "get_npz.py")
+NOT_YET = ("get_npz.py",)
 KD_SCRIPTS = ("scripts/image_kd.py", "scripts/dynamic_prepare.py")
 
 
