@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from evaluations.downloads import CACHE_DIR, fetch_verified
 from evaluations.inception import load_inception
 
 SHORT_NAMES = {"digits": "evaluations.digits_features:build_extractor"}
@@ -74,6 +77,22 @@ class InceptionExtractor:
             "spatial": np.concatenate(spatials),
             "logits": np.concatenate(logits),
         }
+
+
+TF_GRAPH_NAME = "classify_image_graph_def.pb"
+TF_GRAPH_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/" + TF_GRAPH_NAME
+TF_GRAPH_URL_ENV = "GD_TF_GRAPH_URL"  # a mirror of ADM's download location
+
+
+def check_tf_graph(path: Path) -> None:
+    """A downloaded graph must parse and import with the tensors ADM's evaluator reads (a truncated file or
+    an HTML error page does not); ValueError otherwise."""
+    try:
+        TFGraphExtractor(str(path), batch_size=1).sess.close()
+    except ImportError:
+        raise
+    except Exception as exc:  # protobuf and TensorFlow raise many types for a bad graph
+        raise ValueError(f"not ADM's Inception graph: {type(exc).__name__}: {str(exc)[:120]}") from None
 
 
 class TFGraphExtractor:
@@ -190,6 +209,7 @@ def get_feature_extractor(
         return InceptionExtractor(device, weights_path, batch_size)
     if spec == "tf":
         if not tf_graph:
-            raise ValueError("feature spec 'tf' needs --tf_graph classify_image_graph_def.pb")
+            url = os.environ.get(TF_GRAPH_URL_ENV, TF_GRAPH_URL)
+            tf_graph = str(fetch_verified(url, CACHE_DIR / TF_GRAPH_NAME, check_tf_graph, "--tf_graph"))
         return TFGraphExtractor(tf_graph, batch_size)
     return _load_plugin(SHORT_NAMES.get(spec, spec), device, weights_path)

@@ -17,10 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaluations.downloads import fetch_verified
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"  # the hash prefix in the file name, as torch.hub names weights files
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 WEIGHTS_ENV = "GD_INCEPTION_WEIGHTS"
+WEIGHTS_URL_ENV = "GD_INCEPTION_URL"  # a mirror of WEIGHTS_URL (the file name must keep its hash prefix)
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7
 
@@ -230,11 +233,21 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_weights_hash(path: Path) -> None:
+    """torch.hub's rule for a downloaded weights file: its SHA-256 starts with the prefix in its name."""
+    digest = sha256_of(path)
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+        raise ValueError(f"SHA-256 {digest[:8]}... where {WEIGHTS_NAME} has {WEIGHTS_SHA256_PREFIX}...")
+
+
 def load_inception(
     path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> InceptionV3FID:
     """Build the FID Inception-v3 and load its weights strictly from a local file (never a different net)."""
     file = resolve_inception_path(path)
+    if not file.is_file() and not path and not os.environ.get(WEIGHTS_ENV):
+        file = fetch_verified(os.environ.get(WEIGHTS_URL_ENV, WEIGHTS_URL), file, check_weights_hash,
+                              "--inception_path")
     if not file.is_file():
         raise FileNotFoundError(
             f"Inception weights not found: {file} (expected {WEIGHTS_NAME}, "

@@ -310,8 +310,6 @@ def test_registry_resolves_digits_and_rejects_bad_specs(tmp_path):
         get_feature_extractor("nonsense", "cpu")
     with pytest.raises(ValueError, match="cannot import"):
         get_feature_extractor("no_such_module_xyz:build", "cpu")
-    with pytest.raises(ValueError, match="--tf_graph"):
-        get_feature_extractor("tf", "cpu")
 
 
 def test_non_finite_stored_reference_statistics_are_refused(tmp_path):
