@@ -5,6 +5,7 @@ nothing behind and says in one line which URL failed and which flag takes a loca
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import tempfile
@@ -36,9 +37,12 @@ def fetch_verified(
             shutil.copyfileobj(response, out, length=1 << 20)
             out.flush()
             os.fsync(out.fileno())
+            declared = response.headers.get("Content-Length")
+            if declared is not None and out.tell() != int(declared):
+                raise ValueError(f"truncated: {out.tell()} of {declared} bytes")
         verify(Path(tmp))
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         Path(tmp).unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(

@@ -119,3 +119,32 @@ def test_adm_graph_downloads_when_no_tf_graph_is_given(server, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "FID:" in proc.stdout, proc.stderr[-2000:]
     assert _leftovers(cache) == ["classify_image_graph_def.pb"]
+
+
+def test_a_truncated_download_is_one_line_and_leaves_nothing(tmp_path):
+    """The server promises 1000 bytes and closes after 10: no half file in the cache, one line."""
+
+    class Truncating(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+            self.wfile.flush()
+            self.connection.close()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/weights.pth"
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(DownloadError) as info:
+            fetch_verified(url, cache / "weights.pth", lambda path: None, "--inception_path")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "\n" not in str(info.value) and url in str(info.value)
+    assert _leftovers(cache) == []
