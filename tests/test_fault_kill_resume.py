@@ -148,3 +148,39 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(kd_conf
     faulty_losses, ref_losses = _losses(run), _losses(ref)
     assert sorted(faulty_losses) == list(range(1, MAX_STEPS + 1))
     assert faulty_losses == ref_losses
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_a_rank_killed_mid_run_ends_the_job_fast_and_the_run_resumes_from_its_last_set(kd_config, tmp_path):
+    """mpiexec -n 2, rank 1 SIGKILLed mid-step: the job ends within 60 s (not the 600 s collective timeout),
+    the launcher's report names the killed process, and resuming from the run dir continues from the last
+    complete checkpoint set to the end on both ranks."""
+    from script_env import MPIEXEC
+
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    cmd = [MPIEXEC, "-n", "2", PY, "scripts/image_kd.py", "--config", str(kd_config), "--exp_dir", str(run),
+           "--max_steps", "100000"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(proc, lambda: _latest_step(run) >= 2 * SAVE_INTERVAL, timeout=120)
+        ranks = subprocess.run(["pgrep", "-f", f"scripts/image_kd.py --config {kd_config} --exp_dir {run}"],
+                               capture_output=True, text=True).stdout.split()
+        victim = int(sorted(ranks, key=int)[-1])
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        proc.wait(timeout=60)
+        assert time.monotonic() - killed_at < 60 and proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = log.read_text()
+    assert str(victim) in report or "signal 9" in report, report[-1500:]
+    last = _latest_step(run)
+    assert find_resume_set(run, **SET_ROLES).step == last
+    resume = [MPIEXEC, "-n", "2", PY, "scripts/image_kd.py", "--config", str(kd_config),
+              "--resume_checkpoint", str(run), "--max_steps", str(last + SAVE_INTERVAL)]
+    done = subprocess.run(resume, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _latest_step(run) == last + SAVE_INTERVAL and min(s for s in _losses(run) if s > last) == last + 1
