@@ -43,10 +43,11 @@ def fetch_verified(
         verify(Path(tmp))
         os.replace(tmp, dest)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(
             f"{dest.name} is not in {dest.parent} and could not be downloaded from {url} ({reason}); "
             f"download it by hand and pass {flag} FILE"
         ) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # after a failure or an interrupt; gone already after the rename
     return dest
