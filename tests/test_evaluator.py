@@ -361,3 +361,27 @@ def test_statistics_only_reference_gives_fid_alone(tmp_path, capsys):
     np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
     assert evaluator.main([str(stats), sample, "--features", "digits", "--device", "cpu"]) == 2
     assert "stored mu has 3 dims" in capsys.readouterr().err
+
+
+def test_fid_stats_writes_the_statistics_file_the_evaluator_and_rcfd_eval_read(tmp_path, monkeypatch, capsys):
+    """RDD's get_npz.py, as evaluations/fid_stats.py: mu/sigma of a training set's features, written to
+    ./stats/<dataset>.train.npz; CIFAR-10 is looked for at their /data/dataset, then ./data."""
+    from datasets.digits import load_digits
+    from evaluations import fid_stats, metrics
+
+    monkeypatch.chdir(tmp_path)
+    images = load_digits("train")[0][:30]
+    np.savez(tmp_path / "train.npz", images)
+    assert fid_stats.main(["--npz", "train.npz", "--features", "digits"]) == 0
+    stored = np.load(tmp_path / "stats" / "cifar10.train.npz")
+    mu, sigma = metrics.compute_statistics(get_feature_extractor("digits", "cpu").features(images)["pool"])
+    np.testing.assert_allclose(stored["mu"], mu, rtol=1e-6)
+    np.testing.assert_allclose(stored["sigma"], sigma, rtol=1e-6, atol=1e-9)
+    monkeypatch.setattr(fid_stats, "AUTHORS_ROOT", str(tmp_path / "absent"))
+    assert fid_stats.main(["--dataset", "cifar10", "--dry_run"]) == 2
+    assert "no cifar-10-batches-py" in capsys.readouterr().err
+    batches = tmp_path / "data" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "data_batch_1").write_bytes(b"")
+    assert fid_stats.main(["--dataset", "cifar10", "--dry_run"]) == 0
+    assert "images from data" in capsys.readouterr().out
