@@ -90,7 +90,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "iterative_distillation",
         "shuffled_iterative_distillation",
     ),
-    "precision": ("auto", "fp32", "fp16", "bf16"),
+    "precision": ("auto", "fp32", "fp16", "bf16", "adm_fp16"),
     "lr_schedule": ("constant", "cosine"),
     "schedule_sampler": ("uniform", "loss-second-moment"),
     "noise_schedule": ("linear", "cosine"),
@@ -356,6 +356,8 @@ def _check_dit(section: dict[str, Any]) -> None:
             f"in_channels {section['in_channels']}: the DiT defaults are the authors' latent-space ones; "
             "this project works on RGB pixels, set in_channels: 3"
         )
+    if section.get("precision") == "adm_fp16":
+        raise ValueError("precision adm_fp16 is guided-diffusion's fp16 of the ADM UNet; a DiT: fp16 or bf16")
     accepted = inspect.signature(create_dit_model).parameters
     kwargs = {key: section[key] for key in accepted if key in section}
     with torch.device("meta"):

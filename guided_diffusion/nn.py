@@ -62,6 +62,26 @@ def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     return _AVG_POOL[dims](*args, **kwargs)
 
 
+def _conv_in_half(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    bias = None if self.bias is None else self.bias.half()
+    return self._conv_forward(x.half(), self.weight.half(), bias)
+
+
+def convert_convs_to_fp16(module: nn.Module) -> None:
+    """guided-diffusion's fp16 for every Conv1d/2d/3d in `module`: computed in half precision from half
+    weights. The weights stay float32 parameters (the master copy guided-diffusion keeps beside the model),
+    rounded to half values once here as its master copy starts from the converted model, and rounded to
+    half at each call as its master-to-model copy does after every step; their gradients arrive as the
+    half gradients converted to float32, as its model-to-master copy."""
+    for conv in module.modules():
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            conv.forward = _conv_in_half.__get__(conv)
+            with torch.no_grad():  # guided-diffusion's master copy starts from the half weights
+                for param in (conv.weight, conv.bias):
+                    if param is not None:
+                        param.copy_(param.half().float())
+
+
 def normalization(channels: int, groups: int = 32) -> GroupNorm32:
     """The UNet's normalization: GroupNorm with float32 statistics, ADM's 32 groups unless the arch key
     `norm_groups` says otherwise. With as many groups as channels it is an instance norm, which removes each

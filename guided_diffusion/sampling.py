@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import dist_util, logger
 from .infra.checkpoint import atomic_write_bytes
 from .infra.compile_util import FastPath, fast_frozen
-from .infra.mixed_precision import autocast_context
+from .infra.mixed_precision import ADM_FP16, apply_adm_fp16, autocast_context
 
 if TYPE_CHECKING:
     from .gaussian_diffusion import GaussianDiffusion
@@ -72,6 +72,8 @@ def sample_images_and_labels(
     loop: Callable = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     was_training = model.training
     model.eval()
+    if precision == ADM_FP16:
+        apply_adm_fp16(model)
     frozen = fast_frozen(model, fast or FastPath(), name="sampling UNet")
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []

@@ -32,8 +32,10 @@ from .infra.checkpoint import (
 )
 from .infra.compile_util import FastPath, fast_trained
 from .infra.mixed_precision import (
+    ADM_FP16,
     MixedPrecisionTrainer,
     NonFiniteLossError,
+    apply_adm_fp16,
     make_optimizer,
     resolve_precision,
 )
@@ -200,6 +202,8 @@ class TrainLoop:
             model, resolve_precision(precision, use_fp16), fp16_scale_growth=fp16_scale_growth,
             grad_clip=grad_clip, extra_params=extra,
         )
+        if self.mp_trainer.precision == ADM_FP16:
+            apply_adm_fp16(model)
         self.opt = make_optimizer(self.mp_trainer.params, lr, weight_decay)
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = [[p.detach().clone() for p in self.model_params] for _ in self.ema_rate]

@@ -15,6 +15,7 @@ from .nn import (
     avg_pool_nd,
     check_class_labels,
     conv_nd,
+    convert_convs_to_fp16,
     full_precision,
     linear,
     normalization,
@@ -176,6 +177,8 @@ class QKVAttention(nn.Module):
         if width % (3 * self.n_heads):
             raise ValueError(f"qkv width {width} is not divisible by 3 * n_heads ({self.n_heads})")
         ch = width // (3 * self.n_heads)
+        if self.fp16_math:
+            return self._guided_diffusion_fp16(qkv, ch)
         if self.legacy:
             qkv = qkv.reshape(batch, self.n_heads, 3, ch, length).permute(2, 0, 1, 4, 3)
         else:
@@ -183,6 +186,23 @@ class QKVAttention(nn.Module):
         q, k, v = qkv.contiguous().unbind(0)  # each [N, H, T, C]
         out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(-1, -2).reshape(batch, self.n_heads * ch, length)
+
+    fp16_math = False  # set by UNetModel.convert_to_fp16: the attention arithmetic of guided-diffusion's fp16
+
+    def _guided_diffusion_fp16(self, qkv: torch.Tensor, ch: int) -> torch.Tensor:
+        """Attention as guided-diffusion computes it, in the same layouts (which its fp16 gradients depend
+        on): q and k each scaled by ch^-1/4, the logits in the input dtype, the softmax in float32 and cast
+        back, then the weighted sum of v, per (batch, head) as [C, T] matrices."""
+        batch, _, length = qkv.shape
+        rows = batch * self.n_heads
+        if self.legacy:
+            q, k, v = qkv.reshape(rows, ch * 3, length).split(ch, dim=1)
+        else:
+            q, k, v = (part.reshape(rows, ch, length) for part in qkv.chunk(3, dim=1))
+        scale = 1 / (ch ** 0.25)
+        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        return torch.einsum("bts,bcs->bct", weight, v).reshape(batch, -1, length)
 
 
 class AttentionBlock(nn.Module):
@@ -230,7 +250,21 @@ class UNetModel(nn.Module):
 
     `attention_resolutions` holds downsample rates (1, 2, 4, ...) at which attention is used.
     `use_fp16` is accepted for config compatibility; weights stay fp32 (mixed precision uses autocast).
+    `convert_to_fp16()` gives guided-diffusion's own fp16 instead (`precision: adm_fp16`).
     """
+
+    block_dtype = torch.float32  # float16 after convert_to_fp16
+
+    def convert_to_fp16(self) -> None:
+        """guided-diffusion's fp16 (its method of this name): the convolutions of the input, middle and
+        output blocks compute in half precision, with guided-diffusion's attention arithmetic; the
+        embeddings and the output head stay float32. Parameters stay float32 (nn.convert_convs_to_fp16)."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            convert_convs_to_fp16(part)
+            for attention in part.modules():
+                if isinstance(attention, QKVAttention):
+                    attention.fp16_math = True
+        self.block_dtype = torch.float16
 
     def __init__(
         self,
@@ -406,7 +440,7 @@ class UNetModel(nn.Module):
 
         skips = []
         downs = []
-        h = x
+        h = x.type(self.block_dtype) if self.block_dtype != torch.float32 else x
         for i, module in enumerate(self.input_blocks):
             h = module(h, emb)
             skips.append(h)

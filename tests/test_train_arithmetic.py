@@ -66,3 +66,48 @@ def test_fp16_loss_scale_halves_on_overflow_and_doubles_after_a_clean_interval()
         trainer.optimize(opt)
     assert float(trainer.scale) == 16.0
     torch.testing.assert_close(model.weight, torch.full((1, 2), -1.0))
+
+
+def test_adm_fp16_loss_scale_is_guided_diffusions():
+    """precision adm_fp16: lg_loss_scale starts at 20, grows by fp16_scale_growth every clean step and drops
+    by 1 on an overflow, whose step is skipped; gradients are unscaled by 1 / 2**lg."""
+    model = _linear_with_grads([1.0, 1.0])
+    trainer = MixedPrecisionTrainer(model, precision="adm_fp16", fp16_scale_growth=0.25)
+    assert trainer.precision == "adm_fp16" and float(trainer.lg_loss_scale) == 20.0  # kept on the CPU
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.weight.grad = torch.full((1, 2), 2.0**20)  # a scaled gradient of 1.0
+    trainer.optimize(opt)
+    torch.testing.assert_close(model.weight, torch.zeros(1, 2))
+    assert float(trainer.lg_loss_scale) == 20.25
+    model.weight.grad = torch.tensor([[float("nan"), 1.0]])
+    trainer.optimize(opt)
+    assert float(trainer.lg_loss_scale) == 19.25 and float(trainer.step_taken) == 0.0
+    torch.testing.assert_close(model.weight, torch.zeros(1, 2))
+
+
+def test_image_train_runs_guided_diffusions_fp16_and_a_dit_is_refused(tmp_path):
+    """`--precision adm_fp16` end to end on the CPU (half convolutions run there): the loss scale of
+    guided-diffusion in progress.csv; a DiT config asking for it stops at load in one line."""
+    import csv
+    import subprocess
+
+    from script_env import ENV, PY, REPO
+
+    from datasets.digits import write_digits
+    from guided_diffusion.config import ConfigError, load_config
+
+    data = write_digits(tmp_path / "digits")["train"]
+    cmd = [PY, "scripts/image_train.py", "--config", "tests/configs/tiny_baseline.yaml", "--data_dir", data,
+           "--exp_dir", str(tmp_path / "run"), "--precision", "adm_fp16", "--max_steps", "3",
+           "--save_interval", "3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "run" / "progress.csv") as f:
+        scales = [round(float(r["lg_loss_scale"]), 4) for r in csv.DictReader(f)]
+    assert scales == [20.001, 20.002, 20.003]
+    try:
+        load_config(REPO / "yaml/digits_16/dit_teacher.yaml", {"precision": "adm_fp16"})
+    except ConfigError as exc:
+        assert "adm_fp16" in str(exc) and "\n" not in str(exc)
+    else:
+        raise AssertionError("a DiT with adm_fp16 loaded")

@@ -363,3 +363,48 @@ def test_norm_groups_is_checked_at_load_and_against_the_trained_setting(tmp_path
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"norm_groups": 8}))
     differences = recorded_setting_differences(str(tmp_path / "model.pt"), {"norm_groups": 32})
     assert differences == ["norm_groups: trained 8, now 32"]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_fp16_attention_math_is_the_same_attention(legacy):
+    """guided-diffusion's fp16 attention arithmetic (used after convert_to_fp16) computes the same
+    attention as the fused path, head layout included (float64 here: only rounding could differ)."""
+    qkv = torch.randn(2, 3 * 3 * 8, 10, dtype=torch.float64)
+    fused = QKVAttention(3, legacy=legacy)(qkv)
+    theirs = QKVAttention(3, legacy=legacy)
+    theirs.fp16_math = True
+    torch.testing.assert_close(theirs(qkv), fused)
+
+
+def test_convert_to_fp16_equals_half_convolution_weights():
+    """convert_to_fp16 keeps float32 parameters (the master copy) rounded to half values and computes the
+    blocks' convolutions in half: bitwise what a copy with genuinely half convolution weights computes, as
+    guided-diffusion's convert_to_fp16 makes it; the embeddings and the output head stay float32."""
+    import copy
+    from pathlib import Path
+
+    from guided_diffusion.config import load_config, model_and_diffusion_kwargs
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "tests/configs/tiny_baseline.yaml")
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**model_and_diffusion_kwargs(cfg))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.05)
+    half = copy.deepcopy(model)
+    for part in (half.input_blocks, half.middle_block, half.output_blocks):
+        for m in part.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                m.half()
+            if isinstance(m, QKVAttention):
+                m.fp16_math = True
+    half.block_dtype = torch.float16
+    model.convert_to_fp16()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    block_conv, head_conv = model.input_blocks[1][0].in_layers[2].weight, model.out[2].weight
+    assert torch.equal(block_conv, block_conv.half().float())  # rounded: the master copy's start
+    assert not torch.equal(head_conv, head_conv.half().float())  # the output head stays float32
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), half(x, t))
+        assert model(x, t).dtype == torch.float32

@@ -16,7 +16,8 @@ import torch
 
 from .. import logger
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "adm_fp16")
+ADM_FP16 = "adm_fp16"  # guided-diffusion's fp16: half convolutions, float32 master weights, its loss scale
 _BACKOFF = 0.5
 _GROWTH = 2.0
 
@@ -37,6 +38,17 @@ def autocast_context(
     if dtype is None or (cuda_only and device.type != "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def apply_adm_fp16(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a UNet in guided-diffusion's fp16 (`precision: adm_fp16`): its own `convert_to_fp16`; a network
+    without one (the DiT) is refused in one line."""
+    convert = getattr(model, "convert_to_fp16", None)
+    if convert is None:
+        raise ValueError(f"precision adm_fp16 is guided-diffusion's fp16 of the ADM UNet; "
+                         f"{type(model).__name__} has no convert_to_fp16 (use fp16 or bf16)")
+    convert()
+    return model
 
 
 def resolve_precision(precision: str, use_fp16: bool = False) -> str:
@@ -81,15 +93,17 @@ class MixedPrecisionTrainer:
             raise ValueError("MixedPrecisionTrainer: the model has no trainable parameters")
         self.device = self.params[0].device
         self.requested_precision = precision
-        if precision != "fp32" and self.device.type != "cuda":
+        if precision not in ("fp32", ADM_FP16) and self.device.type != "cuda":
             logger.log(f"precision {precision} requested on {self.device.type}: computing in fp32 instead")
             precision = "fp32"
         self.precision = precision
         self.grad_clip = float(grad_clip)
         self.growth_interval = max(1, round(1.0 / fp16_scale_growth))
+        self.fp16_scale_growth = float(fp16_scale_growth)
         dev = self.device
-        init_scale = 2.0**initial_lg_loss_scale if precision == "fp16" else 1.0
+        init_scale = 2.0**initial_lg_loss_scale if precision in ("fp16", ADM_FP16) else 1.0
         self.scale = torch.tensor(init_scale, dtype=torch.float32, device=dev)
+        self.lg_scale64 = torch.tensor(initial_lg_loss_scale, dtype=torch.float64, device=dev)  # adm_fp16
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=dev)
         # 0-dim like torch.amp.GradScaler's: fused AdamW subtracts it in place from its 0-dim step counters.
         self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
@@ -126,7 +140,7 @@ class MixedPrecisionTrainer:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss`, multiplied by the loss scale for fp16."""
-        if self.precision == "fp16":
+        if self.precision in ("fp16", ADM_FP16):
             loss = loss * self.scale
         loss.backward()
 
@@ -135,7 +149,10 @@ class MixedPrecisionTrainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         self.found_inf.zero_()
         if grads:
-            inv_scale = torch.reciprocal(self.scale)
+            if self.precision == ADM_FP16:  # guided-diffusion's 1 / 2**lg in float64, then rounded
+                inv_scale = torch.reciprocal(torch.exp2(self.lg_scale64)).float()
+            else:
+                inv_scale = torch.reciprocal(self.scale)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
             norms = torch._foreach_norm(grads)
             self.grad_norm = torch.linalg.vector_norm(torch.stack(norms))
@@ -147,6 +164,12 @@ class MixedPrecisionTrainer:
             torch._amp_update_scale_(
                 self.scale, self.growth_tracker, self.found_inf, _GROWTH, _BACKOFF, self.growth_interval
             )
+        elif self.precision == ADM_FP16:
+            # guided-diffusion: lg_loss_scale -= 1 on overflow (step skipped), else += fp16_scale_growth, kept
+            # in float64 as its Python float is, the scale 2**lg rounded to float32 where it multiplies
+            taken = 1.0 - self.found_inf.double()
+            self.lg_scale64 += self.fp16_scale_growth * taken - (1.0 - taken)
+            self.scale.copy_(torch.exp2(self.lg_scale64))
         skipped = self.found_inf.to(torch.int64)
         self.skipped_total += skipped
         self.consecutive_skips.mul_(skipped).add_(skipped)
@@ -186,6 +209,7 @@ class MixedPrecisionTrainer:
         """The loss-scaler state (scale, growth tracker, skip counters) for checkpoints."""
         return {
             "precision": self.precision,
+            "lg_scale64": self.lg_scale64.detach().cpu(),
             "scale": self.scale.detach().cpu(),
             "growth_tracker": self.growth_tracker.detach().cpu(),
             "skipped_total": self.skipped_total.detach().cpu(),
@@ -197,6 +221,8 @@ class MixedPrecisionTrainer:
         if state.get("precision") == self.precision:
             self.scale.copy_(state["scale"])
             self.growth_tracker.copy_(state["growth_tracker"])
+            if "lg_scale64" in state:
+                self.lg_scale64.copy_(state["lg_scale64"])
         else:
             saved = state.get("precision")
             logger.log(f"loss-scaler state was saved for {saved}, now {self.precision}: not restored")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ... import dist_util
-from ...infra.mixed_precision import resolve_precision
+from ...infra.mixed_precision import ADM_FP16, apply_adm_fp16, resolve_precision
 from ...run_setup import build_model_and_diffusion, load_model_weights
 from .pool import ITERATIVE, DynamicBatch
 
@@ -58,6 +58,9 @@ def make_dynamic_batch(
 ) -> DynamicBatch:
     """The pool for this rank from the config: B = student.batch_size / world size, rho = teacher.BATCH."""
     world = dist_util.get_world_size()
+    precision = resolve_precision(teacher_section["precision"], teacher_section["use_fp16"])
+    if precision == ADM_FP16:
+        apply_adm_fp16(teacher)
     return DynamicBatch(
         teacher,
         teacher_diffusion,
@@ -70,7 +73,7 @@ def make_dynamic_batch(
         prob_per_item=teacher_section["prob_per_item"],
         teacher_batch_size=teacher_section["batch_size"],
         clip_denoised=teacher_section["clip_denoised"],
-        precision=resolve_precision(teacher_section["precision"], teacher_section["use_fp16"]),
+        precision=precision,
         device=device,
         rank=dist_util.get_rank(),
         world_size=world,
