@@ -68,6 +68,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "half_norm": True,  # CUDA half precision only: GroupNorm reads bf16/fp16 directly, fp32 statistics
     "lr_schedule": "constant",
     "sample_interval": 0,  # 0 = no sample grid during training
+    "keep_checkpoints": 0,  # 0 = keep every checkpoint set (guided-diffusion); K > 0: only the K newest
 }
 
 TEACHER_DEFAULTS: dict[str, Any] = {
@@ -107,6 +108,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "save_interval": (0, math.inf, True, False),
     "log_interval": (0, math.inf, True, False),
     "sample_interval": (0, math.inf, True, False),
+    "keep_checkpoints": (0, math.inf, True, False),
     "cache_save_interval": (-1, math.inf, True, False),
     "max_nonfinite_skips": (0, math.inf, True, False),
     "input_perturb": (0.0, math.inf, True, False),
@@ -591,6 +593,7 @@ TRAINING_FLAGS: dict[str, type] = {
     "log_interval": int,
     "save_interval": int,
     "sample_interval": int,
+    "keep_checkpoints": int,
     "precision": str,
     "seed": int,
 }

@@ -25,6 +25,7 @@ from .infra.checkpoint import (
     find_resume_set,
     is_plain_optimizer_state,
     load_state_dict_strict,
+    prune_checkpoint_sets,
     remove_stale_temp_files,
     safe_torch_load,
     saved_ema_rates,
@@ -97,7 +98,7 @@ def loop_kwargs(section: Any, diffusion: GaussianDiffusion, run_dir: str | None)
         fp16_scale_growth=section.fp16_scale_growth,
         schedule_sampler=create_named_schedule_sampler(section.schedule_sampler, diffusion),
         weight_decay=section.weight_decay, lr_anneal_steps=section.lr_anneal_steps,
-        max_steps=section.max_steps, grad_clip=section.grad_clip,
+        max_steps=section.max_steps, grad_clip=section.grad_clip, keep_checkpoints=section.keep_checkpoints,
         max_nonfinite_skips=section.max_nonfinite_skips, lr_schedule=section.lr_schedule,
         seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval,
         fast=FastPath.from_section(section),
@@ -156,6 +157,7 @@ class TrainLoop:
         seed: int = 0,
         run_dir: str | None = None,
         sample_interval: int = 0,
+        keep_checkpoints: int = 0,
         sample_diffusion: GaussianDiffusion | None = None,
         fast: FastPath | None = None,
     ) -> None:
@@ -181,6 +183,7 @@ class TrainLoop:
         self.seed = seed
         self.run_dir = run_dir or logger.get_dir()
         self.sample_interval = sample_interval
+        self.keep_checkpoints = int(keep_checkpoints)
         self.sample_diffusion = sample_diffusion or diffusion
         if schedule_sampler is None:
             from .resample import UniformSampler
@@ -475,6 +478,10 @@ class TrainLoop:
             files.append(path)
             write_latest(self.run_dir, step, files + list(extra_files))
             logger.log(f"saved checkpoint set for step {step} in {self.run_dir}")
+            if self.keep_checkpoints:
+                removed = prune_checkpoint_sets(self.run_dir, self.keep_checkpoints)
+                if removed:
+                    logger.log(f"keep_checkpoints {self.keep_checkpoints}: removed steps {removed}")
         dist_util.barrier()
 
     def _check_finite_weights(self) -> None:

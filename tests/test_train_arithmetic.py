@@ -111,3 +111,28 @@ def test_image_train_runs_guided_diffusions_fp16_and_a_dit_is_refused(tmp_path):
         assert "adm_fp16" in str(exc) and "\n" not in str(exc)
     else:
         raise AssertionError("a DiT with adm_fp16 loaded")
+
+
+def test_keep_checkpoints_keeps_the_newest_complete_sets_and_resumes(tmp_path):
+    """keep_checkpoints: 2 with a checkpoint every step: after 5 steps only the sets of steps 4 and 5 stay
+    (model, EMA, opt, written before the older set goes), and the run resumes from them."""
+    import subprocess
+
+    from script_env import ENV, PY, REPO
+
+    from datasets.digits import write_digits
+
+    data = write_digits(tmp_path / "digits")["train"]
+    run = tmp_path / "run"
+    cmd = [PY, "scripts/image_train.py", "--config", "tests/configs/tiny_baseline.yaml", "--data_dir", data,
+           "--exp_dir", str(run), "--max_steps", "5", "--save_interval", "1", "--keep_checkpoints", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted({int(p.stem[-6:]) for p in run.glob("*.pt")})
+    assert steps == [4, 5] and {p.name for p in run.glob("*000005.pt")} == {
+        "model000005.pt", "ema_0.9999_000005.pt", "opt000005.pt"}
+    more = [*cmd[:-6], "--max_steps", "6", "--save_interval", "1", "--keep_checkpoints", "2",
+            "--resume_checkpoint", str(run)]
+    proc = subprocess.run(more, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted({int(p.stem[-6:]) for p in run.glob("*.pt")}) == [5, 6]

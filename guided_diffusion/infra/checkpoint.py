@@ -349,6 +349,29 @@ class ResumeSet:
         return self.paths.get(f"ema_{rate}")
 
 
+_SET_FILE = re.compile(r"^(?:model|opt|ema_.+_|teacher-state-)(\d{6,})\.(?:pt|cache)$")
+
+
+def prune_checkpoint_sets(run_dir: PathLike, keep: int) -> list[int]:
+    """Delete the checkpoint files (model, EMA, opt, teacher-state) of every step but the `keep` newest that
+    `latest` and the model files name; call it after `write_latest`, so the newest set is complete before
+    anything goes. Returns the steps removed."""
+    run_dir = os.fspath(run_dir)
+    latest = read_latest(run_dir)
+    by_step: dict[int, list[str]] = {}
+    for name in os.listdir(run_dir):
+        match = _SET_FILE.match(name)
+        if match:
+            by_step.setdefault(int(match.group(1)), []).append(name)
+    complete = sorted(step for step, names in by_step.items() if f"model{step:06d}.pt" in names)
+    kept = set(complete[-keep:]) | ({latest[0]} if latest else set())
+    removed = sorted(step for step in by_step if step not in kept and step < max(kept, default=0))
+    for step in removed:
+        for name in by_step[step]:
+            os.remove(os.path.join(run_dir, name))
+    return removed
+
+
 def write_latest(run_dir: PathLike, step: int, files: Sequence[str]) -> None:
     """Atomically write `latest` (JSON {step, files}); call it after every file of the set is written."""
     payload = json.dumps({"step": int(step), "files": [os.path.basename(f) for f in files]}, indent=1)
