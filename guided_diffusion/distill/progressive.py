@@ -82,15 +82,6 @@ def check_same_head(teacher_diffusion: Any, student_diffusion: Any) -> None:
         )
 
 
-def loss_weight(student_diffusion: Any, t: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    """Per-item weight on the x_0 squared error: the one that makes it the error in `student_prediction`'s
-    space (eps: snr, v: snr + 1, x0: PD's truncated snr) unless `loss_weighting` names another."""
-    weighting = config["loss_weighting"]
-    if weighting == "auto":
-        weighting = {"eps": "snr", "x0": "truncated_snr", "v": "snr_plus_one"}[config["student_prediction"]]
-    return snr_weight(student_diffusion, t, weighting)
-
-
 def _timestep_map(diffusion: Any) -> list[int]:
     return list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
 
@@ -203,13 +194,16 @@ class StepDistiller:
     def weighted_error(
         self, x0: torch.Tensor, target: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """Per-item loss of the student's x_0 against x~: the MSE in the prediction's space ("auto"), or
-        the x_0 MSE times the named `loss_weighting`."""
-        if self.config["loss_weighting"] == "auto" and self.config["student_prediction"] != "x0":
+        """Per-item loss of the student's x_0 against x~: with "auto", the MSE in the eps or v space (the x_0
+        error times snr or snr + 1) or, for x0, PD's truncated-SNR weight on the x_0 MSE; else the x_0 MSE
+        times the named `loss_weighting`."""
+        weighting = self.config["loss_weighting"]
+        if weighting == "auto" and self.config["student_prediction"] != "x0":
             err = self.prediction(x0, z_t, t) - self.prediction(target, z_t, t)
             return mean_flat(err.float() ** 2)
         mse = mean_flat((x0.float() - target.float()) ** 2)
-        return loss_weight(self.student_diffusion, t, self.config) * mse
+        weighting = "truncated_snr" if weighting == "auto" else weighting  # PD's, for x0
+        return snr_weight(self.student_diffusion, t, weighting) * mse
 
 
 class StepDistillLoop(TrainLoop):
