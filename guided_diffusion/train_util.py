@@ -497,15 +497,17 @@ class TrainLoop:
 
     def _resume(self, path: str) -> None:
         extra = self.required_resume_patterns()
+        authors_opt = None  # the authors' bare optimizer state, read once, when the set is theirs
         try:
             found = find_resume_set(path, required=("model", "opt", "ema", *extra), ema_rates=self.ema_rate,
                                     extra_patterns=extra)
         except CheckpointError:
-            found = self._authors_set(path)
-            if found is None:
+            authors = self._authors_set(path)
+            if authors is None:
                 raise
-        if found is None:
-            found = self._authors_set(path)
+            found, authors_opt = authors
+        if found is None and (authors := self._authors_set(path)) is not None:
+            found, authors_opt = authors
         if found is None:
             saved = saved_ema_rates(path)
             wanted = {str(rate) for rate in self.ema_rate}
@@ -528,6 +530,9 @@ class TrainLoop:
             if missing:
                 raise KeyError(f"{ema_path}: missing EMA parameters {missing[:5]}")
             torch._foreach_copy_(ema, [state[n].to(self.device) for n in names])
+        if authors_opt is not None:
+            self._resume_authors_run(found, authors_opt)
+            return
         opt_path = found.get("opt")
         payload = safe_torch_load(opt_path, map_location=self.device)
         if is_plain_optimizer_state(payload):
@@ -551,17 +556,18 @@ class TrainLoop:
         self.resume_files = dict(found.paths)
         self.load_extra_state(payload["extra"])
 
-    def _authors_set(self, path: str) -> ResumeSet | None:
+    def _authors_set(self, path: str) -> tuple[ResumeSet, dict] | None:
         """A checkpoint set written by the authors' guided-diffusion loop (model, EMA and an opt file holding
-        a plain optimizer state dict; no files of this project's extras), or None."""
+        a plain optimizer state dict; no files of this project's extras) and that state, or None."""
         try:
             found = find_resume_set(path, required=("model", "opt", "ema"), ema_rates=self.ema_rate,
                                     extra_patterns=self.required_resume_patterns())
         except CheckpointError:
             return None
-        if found is None or not is_plain_optimizer_state(safe_torch_load(found.get("opt"))):
+        if found is None:
             return None
-        return found
+        opt_state = safe_torch_load(found.get("opt"), map_location=self.device)
+        return (found, opt_state) if is_plain_optimizer_state(opt_state) else None
 
     def _resume_authors_run(self, found: ResumeSet, opt_state: dict) -> None:
         """Continue a run the authors' code wrote: their optimizer state, and the step count their file
