@@ -94,11 +94,12 @@ def absl_to_argparse(argv: Sequence[str], defaults: Mapping[str, Any]) -> tuple[
             rest.append(arg)
             continue
         key, has_value, value = arg[2:].partition("=")
-        name = key
-        if name in LAUNCH_FLAGS:
-            if not has_value and name != "distributed" and i < len(argv) and not argv[i].startswith("--"):
+        if key in LAUNCH_FLAGS:
+            if key == "distributed" and not has_value:  # absl's bare boolean
+                value = "true"
+            elif not has_value and i < len(argv) and not argv[i].startswith("--"):
                 value, i = argv[i], i + 1
-            launch[name.replace("-", "_")] = value if (has_value or name != "distributed") else "true"
+            launch[key.replace("-", "_")] = value
             continue
         if key not in defaults and key.startswith("no") and isinstance(defaults.get(key[2:]), bool):
             singles[key[2:]] = "false"
@@ -112,7 +113,7 @@ def absl_to_argparse(argv: Sequence[str], defaults: Mapping[str, Any]) -> tuple[
             elif i < len(argv):
                 value, i = argv[i], i + 1
             else:
-                raise ConfigError(f"--{name} needs a value")
+                raise ConfigError(f"--{key} needs a value")
         if isinstance(defaults[key], list):
             multi.setdefault(key, []).append(value)
         else:
