@@ -26,7 +26,13 @@ from evaluations.feature_extractors import (  # noqa: E402
     get_feature_extractor,
     tf32_disabled,
 )
-from evaluations.npz_io import InputError, atomic_write, read_image_npz, read_npz_stats  # noqa: E402
+from evaluations.npz_io import (  # noqa: E402
+    InputError,
+    atomic_write,
+    holds_statistics_only,
+    read_image_npz,
+    read_npz_stats,
+)
 
 
 def _statistics(
@@ -53,7 +59,7 @@ def load_batches(ref_path: str, sample_path: str) -> tuple[np.ndarray | None, np
     """Read and validate both image batches; they must share the image size. A reference holding only
     statistics (a pytorch-fid `mu`/`sigma` file, e.g. RDD's --fid_cache) gives None: FID alone."""
     sample_images = read_image_npz(sample_path)
-    if _statistics_only(ref_path):
+    if holds_statistics_only(ref_path):
         return None, sample_images
     ref_images = read_image_npz(ref_path)
     if ref_images.shape[1:] != sample_images.shape[1:]:
@@ -62,12 +68,6 @@ def load_batches(ref_path: str, sample_path: str) -> tuple[np.ndarray | None, np
             f"{ref_path} {ref_images.shape[1:3]}"
         )
     return ref_images, sample_images
-
-
-def _statistics_only(path: str) -> bool:
-    """True for a reference npz with `mu` and `sigma` but no images."""
-    with np.load(path) as data:
-        return "arr_0" not in data.files and "mu" in data.files
 
 
 def evaluate(

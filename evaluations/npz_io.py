@@ -113,6 +113,13 @@ def _check_declared_size(path: Path, key: str) -> None:
         )
 
 
+def holds_statistics_only(path: str | os.PathLike) -> bool:
+    """True for an npz with `mu` and no `arr_0` images (a pytorch-fid statistics file); an unreadable file is
+    an InputError naming it."""
+    with _open_npz(Path(path)) as data:
+        return "arr_0" not in data.files and "mu" in data.files
+
+
 def read_npz_stats(path: str | os.PathLike) -> dict[str, np.ndarray | None] | None:
     """Precomputed statistics when the npz has `mu`, else None: ADM's mu, sigma, mu_s, sigma_s, or a
     pytorch-fid statistics file's mu and sigma alone (mu_s and sigma_s then None)."""

@@ -385,3 +385,15 @@ def test_fid_stats_writes_the_statistics_file_the_evaluator_and_rcfd_eval_read(t
     (batches / "data_batch_1").write_bytes(b"")
     assert fid_stats.main(["--dataset", "cifar10", "--dry_run"]) == 0
     assert "images from data" in capsys.readouterr().out
+
+
+def test_an_unreadable_reference_is_one_line_whatever_the_sample(tmp_path, capsys):
+    """The statistics-only check reads the reference first: a truncated or non-npz reference beside a good
+    sample batch is still one line naming it (it was a BadZipFile traceback)."""
+    sample = _npz(tmp_path / "sample.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "truncated.npz").write_bytes(Path(sample).read_bytes()[:100])
+    (tmp_path / "text.npz").write_bytes(b"not a zip")
+    for ref in ("truncated.npz", "text.npz"):
+        assert evaluator.main([str(tmp_path / ref), sample]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and ref in err and "\n" not in err
