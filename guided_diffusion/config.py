@@ -69,6 +69,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "constant",
     "sample_interval": 0,  # 0 = no sample grid during training
     "keep_checkpoints": 0,  # 0 = keep every checkpoint set (guided-diffusion); K > 0: only the K newest
+    "deterministic": False,  # deterministic kernels (run_setup.use_deterministic): resumes equal to the bit
+    "memory_log_interval": 500,  # log host and CUDA memory every K steps (0 = never)
 }
 
 TEACHER_DEFAULTS: dict[str, Any] = {
@@ -109,6 +111,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "log_interval": (0, math.inf, True, False),
     "sample_interval": (0, math.inf, True, False),
     "keep_checkpoints": (0, math.inf, True, False),
+    "memory_log_interval": (0, math.inf, True, False),
     "cache_save_interval": (-1, math.inf, True, False),
     "max_nonfinite_skips": (0, math.inf, True, False),
     "input_perturb": (0.0, math.inf, True, False),
@@ -594,6 +597,7 @@ TRAINING_FLAGS: dict[str, type] = {
     "save_interval": int,
     "sample_interval": int,
     "keep_checkpoints": int,
+    "deterministic": bool,
     "precision": str,
     "seed": int,
 }

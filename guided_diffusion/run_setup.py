@@ -55,6 +55,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic(on: bool) -> None:
+    """With `on`, every kernel is a deterministic one (an op that has none raises) so that a resumed GPU run
+    equals an uninterrupted one bit for bit: PyTorch's switch, cuDNN without autotuning, a fixed cuBLAS
+    workspace, and Inductor's deterministic mode (set in the environment too, for its compile workers)."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "deterministic"):
+        inductor_config.deterministic = True
+
+
 def choose_run_dir(kind: str, cfg: Mapping[str, Any], exp_dir: str | None, resume: str | None) -> str:
     """`exp_dir` if given; the resumed run's dir; else `experiments/<kind>/<config stem>-<time>-<pid>` (the
     microseconds and pid keep two launches in the same second apart)."""
@@ -75,6 +92,7 @@ def start_run(kind: str, cfg: DictConfig, args: argparse.Namespace, split_batch:
     if getattr(args, "dry_run", False):
         dry_run(kind, cfg)
     section = primary_section(cfg)
+    use_deterministic(bool(section.get("deterministic", False)))
     world = join_process_group(int(section.get("seed", 0)))
     if split_batch:
         validate_world_size(cfg, world)
@@ -117,7 +135,8 @@ def claim_and_configure(
     if dist_util.is_main_process():
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     world = dist_util.get_world_size()
-    logger.log(f"{kind}: config {cfg.get(SOURCE_KEY)}, {world} rank(s), device {dist_util.dev()}")
+    logger.log(f"{kind}: config {cfg.get(SOURCE_KEY)}, {world} rank(s), device {dist_util.dev()}"
+               + (", deterministic kernels" if torch.are_deterministic_algorithms_enabled() else ""))
     dist_util.barrier()
     return run_dir
 

@@ -83,6 +83,27 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state(state["cuda"], dist_util.dev())
 
 
+def log_memory(step: int, device: torch.device) -> None:
+    """One log line with this process's resident host memory and, on CUDA, the allocator's allocated and
+    reserved bytes (MiB), so that growth over a long run can be read from log.txt."""
+    line = f"memory step {step}: host_rss_mib {host_rss_mib():.1f}"
+    if device.type == "cuda":
+        line += (f" cuda_allocated_mib {torch.cuda.memory_allocated(device) / 2**20:.1f}"
+                 f" cuda_reserved_mib {torch.cuda.memory_reserved(device) / 2**20:.1f}")
+    logger.log(line)
+
+
+def host_rss_mib() -> float:
+    """Resident set size of this process in MiB (Linux /proc; the peak from getrusage elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
 def loop_kwargs(section: Any, diffusion: GaussianDiffusion, run_dir: str | None) -> dict[str, Any]:
     """The `TrainLoop` keyword arguments a config section sets (training keys of config.py's schema).
 
@@ -101,7 +122,7 @@ def loop_kwargs(section: Any, diffusion: GaussianDiffusion, run_dir: str | None)
         max_steps=section.max_steps, grad_clip=section.grad_clip, keep_checkpoints=section.keep_checkpoints,
         max_nonfinite_skips=section.max_nonfinite_skips, lr_schedule=section.lr_schedule,
         seed=section.seed, run_dir=run_dir, sample_interval=section.sample_interval,
-        fast=FastPath.from_section(section),
+        memory_log_interval=section.memory_log_interval, fast=FastPath.from_section(section),
     )
 
 
@@ -158,6 +179,7 @@ class TrainLoop:
         run_dir: str | None = None,
         sample_interval: int = 0,
         keep_checkpoints: int = 0,
+        memory_log_interval: int = 0,
         sample_diffusion: GaussianDiffusion | None = None,
         fast: FastPath | None = None,
     ) -> None:
@@ -184,6 +206,7 @@ class TrainLoop:
         self.run_dir = run_dir or logger.get_dir()
         self.sample_interval = sample_interval
         self.keep_checkpoints = int(keep_checkpoints)
+        self.memory_log_interval = int(memory_log_interval)
         self.sample_diffusion = sample_diffusion or diffusion
         if schedule_sampler is None:
             from .resample import UniformSampler
@@ -297,6 +320,8 @@ class TrainLoop:
                     progress.update(1)
                 if self.log_interval and self.step % self.log_interval == 0:
                     self.log_step()
+                if self.memory_log_interval and self.step % self.memory_log_interval == 0:
+                    log_memory(self.step, self.device)
                 if self.save_interval and self.step % self.save_interval == 0:
                     self.save()
                     last_saved = self.step

@@ -78,7 +78,7 @@ def test_base_rdd_resume_and_eval(digits, tmp_path):
         rows = list(csv.DictReader(f))
     assert {"memory_p2p", "intra_p2p", "rcfd_kl"} <= set(rows[0]) and "regression" not in rows[0]
     state = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
-    assert state["memory"]["teacher_pixel_queue"].shape == (20000, 1024)
+    assert state["per_rank"][0]["memory"]["teacher_pixel_queue"].shape == (20000, 1024)
 
     for logdir, stride, name in ((base, "128", "base8"), (tmp_path / "full", "1", "rdd4")):
         out = tmp_path / name
@@ -125,9 +125,11 @@ def test_rdd_classifier_layout_trains_and_loads(tmp_path):
 
 
 @pytest.mark.mpi
-def test_two_ranks_train_an_rdd_stage_in_sync(digits, tmp_path):
+def test_two_ranks_train_an_rdd_stage_in_sync_and_resume_every_rank_exactly(digits, tmp_path):
     """mpiexec -n 2 on CPU: DDP student, the gathered queue keys, per-rank BatchNorm in the memory head
-    (SyncBatchNorm needs CUDA), each rank's data shard; both ranks end with the same student."""
+    (SyncBatchNorm needs CUDA), each rank's data shard; both ranks end with the same student. Each rank's
+    queue is its own random pick of the gathered keys, so a run cut after step 2 and resumed must give every
+    rank back its own memory: both ranks then end equal to an uninterrupted run's."""
     base = tmp_path / "base"
     _train("DIGITS_BASE.yaml", digits, base, "--total_steps", "1", "--save_step", "1", *TINY)
     classifier = tmp_path / "cls"
@@ -136,26 +138,44 @@ def test_two_ranks_train_an_rdd_stage_in_sync(digits, tmp_path):
     save_densenet(build_densenet("densenet121"), str(classifier / "ckpt.pt"))
     dump = tmp_path / "dump.py"
     dump.write_text(
-        "import runpy, sys, torch\n"
+        "import os, runpy, sys, torch\n"
         "from guided_diffusion import dist_util\n"
         "from guided_diffusion.distill import rcfd_run\n"
         "run = rcfd_run.StageTrainer.run\n"
         "def run_and_dump(self):\n"
+        "    if os.environ.get('CUT_AT'):\n"
+        "        while self.step < int(os.environ['CUT_AT']):\n"
+        "            self.train_step()\n"
+        "        self.save()\n"
+        "        return\n"
         "    run(self)\n"
-        f"    torch.save(self.model.state_dict(), f'{tmp_path}/rank{{dist_util.get_rank()}}.pt')\n"
+        "    torch.save({'model': self.model.state_dict(), 'memory': self.objective.memory.state_dict()},\n"
+        "               os.path.join(self.logdir, f'rank{dist_util.get_rank()}.pt'))\n"
         "rcfd_run.StageTrainer.run = run_and_dump\n"
         "sys.argv[0] = 'scripts/rcfd_train.py'\n"
         "runpy.run_path('scripts/rcfd_train.py', run_name='__main__')\n"
     )
-    args = ["--config", "yaml/digits_16/rcfd/DIGITS_RDD.yaml", "--data_dir", digits, "--logdir",
-            str(tmp_path / "rdd"), "--base_ckpt", str(base), "--classifier_path", str(classifier),
-            "--classifier", "densenet121", "--total_steps", "2", "--save_step", "2", *TINY]
-    command = [MPIEXEC, "-n", "2", PY, str(dump), *args]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert "per-rank BatchNorm statistics" in (tmp_path / "rdd" / "log.txt").read_text()
+
+    def launch(logdir, *extra, cut_at=""):
+        args = ["--config", "yaml/digits_16/rcfd/DIGITS_RDD.yaml", "--data_dir", digits, "--logdir",
+                str(logdir), "--base_ckpt", str(base), "--classifier_path", str(classifier),
+                "--classifier", "densenet121", "--total_steps", "4", "--save_step", "2", *TINY, *extra]
+        proc = subprocess.run([MPIEXEC, "-n", "2", PY, str(dump), *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**ENV, "CUT_AT": cut_at})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return [torch.load(logdir / f"rank{r}.pt", weights_only=True) for r in (0, 1)] if not cut_at else None
+
+    full = launch(tmp_path / "full")
+    launch(tmp_path / "cut", cut_at="2")
+    resumed = launch(tmp_path / "cut", "--resume")
+    assert all(torch.equal(full[0]["model"][k], full[1]["model"][k]) for k in full[0]["model"])
+    queue = "teacher_pixel_queue"
+    assert not torch.equal(full[0]["memory"][queue], full[1]["memory"][queue])  # the ranks' queues differ
+    for rank in (0, 1):
+        for part in ("model", "memory"):
+            a, b = full[rank][part], resumed[rank][part]
+            assert all(torch.equal(a[k], b[k]) for k in a), f"rank {rank} {part} differs after the resume"
+    assert "per-rank BatchNorm statistics" in (tmp_path / "full" / "log.txt").read_text()
 
 
 def test_eval_scores_fid_against_the_fid_cache_and_refuses_a_missing_one(digits, tmp_path, monkeypatch):

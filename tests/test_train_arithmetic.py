@@ -136,3 +136,41 @@ def test_keep_checkpoints_keeps_the_newest_complete_sets_and_resumes(tmp_path):
     proc = subprocess.run(more, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted({int(p.stem[-6:]) for p in run.glob("*.pt")}) == [5, 6]
+
+
+def test_deterministic_switch_sets_every_layer_and_the_run_logs_it_and_its_memory(tmp_path):
+    """`deterministic: true` turns on PyTorch's deterministic algorithms, cuDNN without autotuning, a fixed
+    cuBLAS workspace and Inductor's deterministic mode (also in the environment its compile workers
+    inherit); the run's log says so, and `memory_log_interval` writes one memory line per K steps."""
+    import re
+    import subprocess
+
+    from script_env import ENV, PY, REPO
+
+    from datasets.digits import write_digits
+
+    probe = ("from guided_diffusion.run_setup import use_deterministic; import os, torch; "
+             "import torch._inductor.config as c; use_deterministic({on}); "
+             "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, "
+             "os.environ.get('CUBLAS_WORKSPACE_CONFIG'), os.environ.get('TORCHINDUCTOR_DETERMINISTIC'), "
+             "c.deterministic)")
+    unset = ("CUBLAS_WORKSPACE_CONFIG", "TORCHINDUCTOR_DETERMINISTIC")
+    env = {k: v for k, v in ENV.items() if k not in unset}
+    outs = [subprocess.run([PY, "-c", probe.format(on=on)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120) for on in (True, False)]
+    assert [o.stdout.split() for o in outs] == [["True", "False", ":4096:8", "1", "True"],
+                                                ["False", "False", "None", "None", "False"]], outs[0].stderr
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text((REPO / "tests/configs/tiny_baseline.yaml").read_text().replace(
+        "tests/configs/", str(REPO / "tests/configs") + "/") + "memory_log_interval: 2\n")
+    data = write_digits(tmp_path / "digits")["train"]
+    run = tmp_path / "run"
+    proc = subprocess.run([PY, "scripts/image_train.py", "--config", str(config), "--data_dir", data,
+                           "--exp_dir", str(run), "--max_steps", "5", "--deterministic", "true"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (run / "log.txt").read_text()
+    assert "1 rank(s), device cpu, deterministic kernels" in log
+    memory = re.findall(r"memory step (\d+): host_rss_mib ([0-9.]+)", log)
+    assert [int(step) for step, _ in memory] == [2, 4] and all(float(mib) > 50 for _, mib in memory)

@@ -282,14 +282,22 @@ class StageTrainer:
             "step": self.step, "total_steps": self.flags["total_steps"], "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(), "x_T": self.x_T.cpu(),
-            "per_rank": dist_util.all_gather_object({"rng": rng_state(), "data": self._data_state()}),
+            "per_rank": dist_util.all_gather_object(
+                {"rng": rng_state(), "data": self._data_state(), "memory": self._memory_state()}
+            ),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        if self.objective is not None and self.objective.memory is not None:
-            state["memory"] = self.objective.memory.state_dict()
+        if self.head_opt is not None:
             state["head_opt"] = self.head_opt.state_dict()
         return state
+
+    def _memory_state(self) -> dict | None:
+        """The memory head and queue of this rank: each rank enqueues its own random pick of the gathered
+        keys (and, on the CPU, keeps its own BatchNorm statistics), so every rank's copy is saved."""
+        if self.objective is None or self.objective.memory is None:
+            return None
+        return {k: v.cpu() for k, v in self.objective.memory.state_dict().items()}
 
     def _resume(self) -> None:
         path = os.path.join(self.logdir, STATE_FILE)
@@ -304,12 +312,13 @@ class StageTrainer:
         self.sched.load_state_dict(state["sched"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        if "memory" in state:
-            self.objective.memory.load_state_dict(state["memory"])
+        own = state["per_rank"][dist_util.get_rank()]
+        if "head_opt" in state:
+            # files written before the per-rank copies hold rank 0's memory at the top level
+            self.objective.memory.load_state_dict(own.get("memory") or state["memory"])
             self.head_opt.load_state_dict(state["head_opt"])
         self.x_T = state["x_T"].to(self.device)
         self.step = int(state["step"])
-        own = state["per_rank"][dist_util.get_rank()]
         if own["data"] is not None:
             self.data.load_state_dict(own["data"])
         set_rng_state(own["rng"])
