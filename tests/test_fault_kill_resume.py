@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -150,24 +151,49 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(kd_conf
     assert faulty_losses == ref_losses
 
 
+
+def _rank_pids(launcher: subprocess.Popen, kd_config: Path, run: Path) -> dict[int, int]:
+    """rank -> pid of the job's workers (the processes whose environment holds the launcher's rank)."""
+    found = {}
+    pids = subprocess.run(["pgrep", "-f", f"scripts/image_kd.py --config {kd_config} --exp_dir {run}"],
+                          capture_output=True, text=True).stdout.split()
+    for pid in map(int, pids):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for name in (b"PMI_RANK=", b"RANK="):
+            value = next((e[len(name):] for e in environ if e.startswith(name)), None)
+            if value is not None and pid != launcher.pid:
+                found[int(value)] = pid
+                break
+    return found
+
+
 @pytest.mark.mpi
-@pytest.mark.timeout(240)
-def test_a_rank_killed_mid_run_ends_the_job_fast_and_the_run_resumes_from_its_last_set(kd_config, tmp_path):
-    """mpiexec -n 2, rank 1 SIGKILLed mid-step: the job ends within 60 s (not the 600 s collective timeout),
-    the launcher's report names the killed process, and resuming from the run dir continues from the last
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_a_rank_killed_mid_run_ends_the_job_fast_and_the_run_resumes_from_its_last_set(
+    launcher, kd_config, tmp_path
+):
+    """`mpiexec -n 2` and `torchrun --nproc_per_node 2` (CPU, gloo), rank 1 SIGKILLed mid-step: the job ends
+    within 60 s (not the 600 s collective timeout), the launcher's report names the lost rank (torchrun:
+    its rank number; MPICH: the killed process), and resuming from the run dir continues from the last
     complete checkpoint set to the end on both ranks."""
     from script_env import MPIEXEC
 
+    start = ([MPIEXEC, "-n", "2", PY] if launcher == "mpiexec"
+             else [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     run, log = tmp_path / "run", tmp_path / "log.txt"
-    cmd = [MPIEXEC, "-n", "2", PY, "scripts/image_kd.py", "--config", str(kd_config), "--exp_dir", str(run),
-           "--max_steps", "100000"]
+    cmd = [*start, "scripts/image_kd.py", "--config", str(kd_config), "--exp_dir", str(run), "--max_steps",
+           "100000"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     try:
         assert _wait_for(proc, lambda: _latest_step(run) >= 2 * SAVE_INTERVAL, timeout=120)
-        ranks = subprocess.run(["pgrep", "-f", f"scripts/image_kd.py --config {kd_config} --exp_dir {run}"],
-                               capture_output=True, text=True).stdout.split()
-        victim = int(sorted(ranks, key=int)[-1])
+        ranks = _rank_pids(proc, kd_config, run)
+        assert sorted(ranks) == [0, 1], ranks
+        victim = ranks[1]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         proc.wait(timeout=60)
@@ -176,11 +202,14 @@ def test_a_rank_killed_mid_run_ends_the_job_fast_and_the_run_resumes_from_its_la
         if proc.poll() is None:
             proc.kill()
     report = log.read_text()
-    assert str(victim) in report or "signal 9" in report, report[-1500:]
+    if launcher == "torchrun":
+        assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", report) and "SIGKILL" in report, report[-1500:]
+    else:
+        assert str(victim) in report or "signal 9" in report, report[-1500:]
     last = _latest_step(run)
     assert find_resume_set(run, **SET_ROLES).step == last
-    resume = [MPIEXEC, "-n", "2", PY, "scripts/image_kd.py", "--config", str(kd_config),
-              "--resume_checkpoint", str(run), "--max_steps", str(last + SAVE_INTERVAL)]
+    resume = [*start, "scripts/image_kd.py", "--config", str(kd_config), "--resume_checkpoint", str(run),
+              "--max_steps", str(last + SAVE_INTERVAL)]
     done = subprocess.run(resume, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _latest_step(run) == last + SAVE_INTERVAL and min(s for s in _losses(run) if s > last) == last + 1
