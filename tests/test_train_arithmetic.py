@@ -160,6 +160,14 @@ def test_deterministic_switch_sets_every_layer_and_the_run_logs_it_and_its_memor
                            text=True, timeout=120) for on in (True, False)]
     assert [o.stdout.split() for o in outs] == [["True", "False", ":4096:8", "1", "True"],
                                                 ["False", "False", "None", "None", "False"]], outs[0].stderr
+    from omegaconf import OmegaConf
+
+    from guided_diffusion.infra.compile_util import FastPath
+
+    switches = {"compile": True, "cuda_graphs": True, "half_norm": True, "compile_background": True}
+    for on in (True, False):  # a background compile takes over at a wall-clock step
+        fast = FastPath.from_section(OmegaConf.create({**switches, "deterministic": on}))
+        assert (fast.compile, fast.compile_background) == (True, not on)
 
     config = tmp_path / "tiny.yaml"
     config.write_text((REPO / "tests/configs/tiny_baseline.yaml").read_text().replace(

@@ -110,7 +110,8 @@ class FastPath:
     in single-process training with one microbatch). `compile`: torch.compile for the frozen nets (with
     graphs at static shapes) and for a student that runs without graphs; CUDA models only.
     `compile_background`: a frozen net is compiled by a worker process while its calls run uncompiled
-    (`background_compile`), so a run's first step does not wait for the compile.
+    (`background_compile`), so a run's first step does not wait for the compile; off under `deterministic`,
+    where the step at which the compiled net takes over would depend on the wall clock.
     All are no-ops on CPU and for fp32, so the reference path is untouched.
     """
 
@@ -122,8 +123,9 @@ class FastPath:
     @classmethod
     def from_section(cls, section: Any) -> FastPath:
         """The switches of a config section (a flat training/sampling section or the KD student's)."""
+        background = bool(section.compile_background) and not bool(section.get("deterministic", False))
         return cls(compile=bool(section.compile), cuda_graphs=bool(section.cuda_graphs),
-                   half_norm=bool(section.half_norm), compile_background=bool(section.compile_background))
+                   half_norm=bool(section.half_norm), compile_background=background)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
