@@ -241,6 +241,9 @@ def render(summary: dict[str, Any]) -> str:
                          for role, v in pair.items())
 
     for mode, r in summary["modes"].items():
+        if "error" in r:
+            lines.append(f"| {mode} | {r['error']} | | | |")
+            continue
         kills = ", ".join(f"{k['logged_step']}->{k['resumed_from']}" for k in r["kills"]) or "none"
         g = r["memory_growth"]
         mem = " / ".join("-" if g[k] is None else f"{100 * g[k]:+.2f}%" for k in ("host_rss_mib",
@@ -260,6 +263,8 @@ def plot_memory(summary: dict[str, Any], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for mode, r in summary["modes"].items():
+        if "error" in r:
+            continue
         steps = [row["step"] for row in r["memory"]]
         ax.plot(steps, [row["host_rss_mib"] for row in r["memory"]], marker="o", label=f"{mode}: host RSS")
         if any(row["cuda_reserved_mib"] for row in r["memory"]):
@@ -294,9 +299,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "steps": args.steps, "modes": {}}
     modes = args.modes.split(",")
     with ThreadPoolExecutor(len(modes)) as pool:  # the modes' runs share the device side by side
-        results = dict(zip(modes, pool.map(lambda mode: run_mode(args, mode, base, out), modes), strict=True))
-    summary["modes"] = results
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        futures = {mode: pool.submit(run_mode, args, mode, base, out) for mode in modes}
+        for mode, future in futures.items():
+            try:
+                summary["modes"][mode] = future.result()
+            except (SystemExit, Exception) as exc:  # one mode's failure keeps the other's result
+                summary["modes"][mode] = {"error": str(exc)}
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "summary.md", render(summary))
     plot_memory(summary, out / "memory.png")
     print(render(summary))
