@@ -8,6 +8,8 @@ import copy
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -81,6 +83,38 @@ def set_rng_state(state: Mapping) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"], dist_util.dev())
+
+
+STOPPED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's pre-emption, a time budget) asks the loop to save and stop instead of dying
+    mid-step. The ranks agree on the step: the flag is all-reduced every `every` steps (1 in one process),
+    so every rank saves the same set."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(1, int(every))
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def agreed(self, step: int) -> bool:
+        """Whether every rank stops after `step` (called by every rank at every step)."""
+        if step % self.every:
+            return False
+        if dist_util.get_world_size() == 1:
+            return self.flag
+        return bool(dist_util.all_reduce_mean(torch.tensor(float(self.flag))).item() > 0)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def log_memory(step: int, device: torch.device) -> None:
@@ -312,12 +346,19 @@ class TrainLoop:
 
             progress = tqdm(total=self._total_steps(), initial=self.step, desc="train", dynamic_ncols=True)
         last_saved = self.step if self.resume_checkpoint else -1
+        stop = StopRequest(self.log_interval if self.world_size > 1 else 1)
         try:
             while not self._done():
                 batch, cond = self.next_batch()
                 self.run_step(batch, cond)
                 if progress is not None:
                     progress.update(1)
+                if stop.agreed(self.step):
+                    if last_saved != self.step:
+                        self.save()
+                    logger.log(f"stopped by SIGTERM at step {self.step}; its checkpoint set is saved, resume "
+                               f"with --resume_checkpoint {self.run_dir}")
+                    raise SystemExit(STOPPED_EXIT_CODE)
                 if self.log_interval and self.step % self.log_interval == 0:
                     self.log_step()
                 if self.memory_log_interval and self.step % self.memory_log_interval == 0:
@@ -328,6 +369,7 @@ class TrainLoop:
                 if self.sample_interval and self.step % self.sample_interval == 0:
                     self.save_sample_grid()
         finally:
+            stop.restore()
             if progress is not None:
                 progress.close()
         if last_saved != self.step:

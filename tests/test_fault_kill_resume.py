@@ -213,3 +213,41 @@ def test_a_rank_killed_mid_run_ends_the_job_fast_and_the_run_resumes_from_its_la
     done = subprocess.run(resume, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _latest_step(run) == last + SAVE_INTERVAL and min(s for s in _losses(run) if s > last) == last + 1
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_saves_the_current_step_and_stops_then_the_run_resumes_from_it(ranks, kd_config, tmp_path):
+    """SIGTERM (a scheduler's pre-emption, digits_results' time budget) to one process: the loop finishes
+    its step, every rank agrees on where to stop (2 ranks: the flag is all-reduced at log steps), the set
+    of that step is saved although no save was due, the job exits with 143, and a resume continues there."""
+    from script_env import MPIEXEC
+
+    from guided_diffusion.train_util import STOPPED_EXIT_CODE
+
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    start = [MPIEXEC, "-n", "2", PY] if ranks == 2 else [PY]
+    cmd = [*start, "scripts/image_kd.py", "--config", str(kd_config), "--exp_dir", str(run), "--max_steps",
+           "100000", "--save_interval", "1000", "--log_interval", "2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(proc, lambda: max(_losses(run), default=0) >= 4 if (run / "progress.csv").is_file()
+                         else False, timeout=120)
+        pids = _rank_pids(proc, kd_config, run) if ranks == 2 else {0: proc.pid}
+        os.kill(pids[max(pids)], signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == STOPPED_EXIT_CODE, log.read_text()[-2000:]
+    stopped = _latest_step(run)
+    assert stopped >= 4 and stopped % 1000 and stopped % 2 == (0 if ranks == 2 else stopped % 2)
+    assert f"stopped by SIGTERM at step {stopped}" in (run / "log.txt").read_text()
+    assert find_resume_set(run, **SET_ROLES).step == stopped
+    resume = [*start, "scripts/image_kd.py", "--config", str(kd_config), "--resume_checkpoint", str(run),
+              "--max_steps", str(stopped + 2), "--save_interval", "1000", "--log_interval", "2"]
+    done = subprocess.run(resume, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _latest_step(run) == stopped + 2
