@@ -4,7 +4,7 @@ random moments and resumed from its run dir each time, per determinism mode, the
     python benchmarks/resume_soak.py --config yaml/digits_16/exp/Digits-DKDM.yaml --out OUT --steps 6000 \
         --save_interval 250 --kills 5 --modes on,off
     python benchmarks/resume_soak.py --config yaml/cifar10_32/exp/CIFAR10-14M-Dynamic-0.4.yaml --out OUT \
-        --steps 200 --save_interval 100 --kills 1 --random_teacher --set teacher.BATCH=0.01
+        --steps 40 --save_interval 20 --kills 1 --random_teacher --random_pool
 
 Each mode (`on`: `deterministic: true`, `off`: the default kernels) runs `--controls` uninterrupted runs and
 one killed run, both modes side by side on one device, all from one pool cache prepared first.
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ if str(REPO) not in sys.path:
 
 from benchmarks.digits_results import display_command, parse_edits, write_derived_config  # noqa: E402
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs  # noqa: E402
+from guided_diffusion.distill.dkdm.cache import save_cache  # noqa: E402
+from guided_diffusion.distill.dkdm.pool import DYNAMIC, pool_size  # noqa: E402
+from guided_diffusion.distill.dkdm.setup import student_diffusion_of  # noqa: E402
 from guided_diffusion.infra.atomic_io import atomic_write_text  # noqa: E402
 from guided_diffusion.infra.checkpoint import atomic_torch_save, read_latest, safe_torch_load  # noqa: E402
 from guided_diffusion.script_util import create_any_model_and_diffusion  # noqa: E402
@@ -59,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory_log_interval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--random_teacher", action="store_true", help="random teacher weights (speed checks)")
+    p.add_argument(
+        "--random_pool", action="store_true",
+        help="a pool of random states at random steps instead of dynamic_prepare's (resume checks need no "
+        "real pool; preparing one costs ~T/2 teacher steps per item)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted-key YAML edit")
     p.add_argument("--timeout_s", type=float, default=3000.0, help="give up on a run after this long")
     args = p.parse_args(argv)
@@ -77,6 +86,19 @@ def random_teacher(config: Path, out: Path) -> Path:
     path = out / "random_teacher.pt"
     atomic_torch_save(model.state_dict(), str(path))
     return path
+
+
+def write_random_pool(config: Path, path: Path, seed: int = 0) -> int:
+    """A pool cache of the size image_kd expects (one rank), random normal states at random teacher steps;
+    returns its item count."""
+    cfg = load_config(config, overrides=None)
+    steps = student_diffusion_of(cfg.student).num_timesteps
+    n = pool_size(DYNAMIC, cfg.teacher.BATCH, steps, cfg.student.batch_size)
+    rng = np.random.default_rng(seed)
+    size = cfg.teacher.image_size
+    total_t = rng.integers(1, steps, size=n).astype(np.int64)
+    save_cache(str(path), total_t, rng.standard_normal((n, 3, size, size), dtype=np.float32))
+    return n
 
 
 def last_logged_step(run: Path) -> int:
@@ -290,11 +312,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         edits["teacher.model_path"] = str(random_teacher(Path(args.config), out))
     base = out / "base.yaml"
     write_derived_config(Path(args.config), base, edits)
-    prepare = [sys.executable, "scripts/dynamic_prepare.py", "--config", str(base)]
-    with open(out / "prepare.log", "wb") as log:
-        failed = subprocess.run(prepare, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-    if failed:
-        raise SystemExit(f"error: preparing the pool failed; see {out / 'prepare.log'}")
+    if args.random_pool:
+        write_random_pool(base, out / "pool.cache")
+    else:
+        prepare = [sys.executable, "scripts/dynamic_prepare.py", "--config", str(base)]
+        with open(out / "prepare.log", "wb") as log:
+            failed = subprocess.run(prepare, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        if failed:
+            raise SystemExit(f"error: preparing the pool failed; see {out / 'prepare.log'}")
     summary: dict[str, Any] = {"config": args.config, "command": display_command([sys.executable, *sys.argv]),
                                "steps": args.steps, "modes": {}}
     modes = args.modes.split(",")

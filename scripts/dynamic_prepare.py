@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs 
 import os
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.config import build_arg_parser, model_and_diffusion_kwargs, parse_config_args
+from guided_diffusion.config import build_arg_parser, parse_config_args
 from guided_diffusion.distill.dkdm.cache import CacheError, load_cache
 from guided_diffusion.distill.dkdm.pool import DYNAMIC, pool_size
 from guided_diffusion.distill.dkdm.setup import (
@@ -25,22 +25,12 @@ from guided_diffusion.distill.dkdm.setup import (
     check_tempfile,
     load_teacher,
     make_dynamic_batch,
+    student_diffusion_of,
 )
 from guided_diffusion.infra.compile_util import FastPath, fast_frozen
 from guided_diffusion.run_setup import add_run_arguments, run_script, start_run
-from guided_diffusion.script_util import create_gaussian_diffusion
 
 FLAGS = {"batch_size": int, "seed": int}
-
-
-def student_diffusion_of(section) -> object:
-    """The student's diffusion alone (its T sets the pool size); no student network is needed here."""
-    kw = model_and_diffusion_kwargs(section)
-    return create_gaussian_diffusion(
-        steps=kw["diffusion_steps"], learn_sigma=kw["learn_sigma"], noise_schedule=kw["noise_schedule"],
-        use_kl=kw["use_kl"], predict_xstart=kw["predict_xstart"], rescale_timesteps=kw["rescale_timesteps"],
-        rescale_learned_sigmas=kw["rescale_learned_sigmas"], timestep_respacing=kw["timestep_respacing"],
-    )
 
 
 def existing_cache_refusal(path: str, need: int) -> str | None:

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from ... import dist_util
+from ...config import model_and_diffusion_kwargs
 from ...infra.mixed_precision import ADM_FP16, apply_adm_fp16, resolve_precision
 from ...run_setup import build_model_and_diffusion, load_model_weights
+from ...script_util import create_gaussian_diffusion
 from .pool import ITERATIVE, DynamicBatch
 
 
@@ -97,3 +99,13 @@ def check_tempfile(teacher_section: Mapping[str, Any]) -> str:
         if not os.access(folder, os.W_OK):
             raise KDSetupError(f"teacher.tempfile {path}: its folder {folder} is not writable")
     return path
+
+
+def student_diffusion_of(section: Any) -> Any:
+    """The student's diffusion alone (its T sets the pool size); no student network is needed here."""
+    kw = model_and_diffusion_kwargs(section)
+    return create_gaussian_diffusion(
+        steps=kw["diffusion_steps"], learn_sigma=kw["learn_sigma"], noise_schedule=kw["noise_schedule"],
+        use_kl=kw["use_kl"], predict_xstart=kw["predict_xstart"], rescale_timesteps=kw["rescale_timesteps"],
+        rescale_learned_sigmas=kw["rescale_learned_sigmas"], timestep_respacing=kw["timestep_respacing"],
+    )
