@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+import guided_diffusion.distill  # noqa: E402, F401 (registers the methods' YAML sections)
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs  # noqa: E402
 from guided_diffusion.infra.mixed_precision import MixedPrecisionTrainer  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402

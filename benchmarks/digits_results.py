@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+import guided_diffusion.distill  # noqa: E402, F401 (registers the methods' YAML sections)
 from benchmarks.plot_results import plot_fid_over_steps  # noqa: E402
 from evaluations import metrics  # noqa: E402
 from guided_diffusion.config import ConfigError, load_config, primary_section  # noqa: E402

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+import guided_diffusion.distill  # noqa: E402, F401 (registers the methods' YAML sections)
 from guided_diffusion.config import load_config, primary_section  # noqa: E402
 from guided_diffusion.infra.mixed_precision import autocast_context  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import inspect
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +139,9 @@ PATH_KEYS = ("model", "diffusion")
 SOURCE_KEY = "config"  # records the YAML a config was loaded from
 KD_SECTIONS = ("teacher", "student")
 
-METHOD_REGISTRY = "guided_diffusion.distill.objective"  # finds a method section's schema by its name
+# YAML sections of distillation methods (`tccd:`, `relational:`, ...) -> their schema. The methods add
+# themselves (`register_section`, called when guided_diffusion.distill is imported); the core imports none.
+_METHOD_SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {}
 
 
 class ConfigError(ValueError):
@@ -167,18 +168,31 @@ def section_defaults(kind: str, dit: bool = False) -> dict[str, Any]:
     return defaults
 
 
+def register_section(name: str, defaults: Callable[[], dict[str, Any]]) -> None:
+    """Make `name:` a YAML section whose keys and defaults are `defaults()` (a method registers its own)."""
+    if name in KD_SECTIONS or not name.isidentifier():
+        raise ValueError(f"cannot register a method section named {name!r}")
+    _METHOD_SECTIONS[name] = defaults
+
+
+def unregister_section(name: str) -> None:
+    """Forget a registered method section (tests)."""
+    _METHOD_SECTIONS.pop(name, None)
+
+
 def method_defaults(name: str) -> dict[str, Any]:
-    """Defaults of a method section (`tccd:`, `relational:`, ...), from the method that owns the section
-    (found by name, imported only now); a name no method owns is a ConfigError."""
-    registry = importlib.import_module(METHOD_REGISTRY)
-    method = registry.find_method(name)
-    if method is None:
-        known = ", ".join(registry.known_sections())
+    """Defaults of a method section (`tccd:`, `relational:`, ...) as its method registered them; a name
+    no method owns is a ConfigError."""
+    defaults = _METHOD_SECTIONS.get(name)
+    if defaults is None:
+        known = sorted(_METHOD_SECTIONS)
+        hint = "" if known else "; method sections are registered by importing guided_diffusion.distill"
+        names = ["teacher", "student", *known]
         raise ConfigError(
-            f"unknown section '{name}': no method owns it (known: teacher, student, {known})"
-            f"{_suggest(name, ['teacher', 'student', *registry.known_sections()])}"
+            f"unknown section '{name}': no method owns it (known: {', '.join(names)})"
+            f"{_suggest(name, names)}{hint}"
         )
-    return dict(method.defaults())
+    return dict(defaults())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import distill  # noqa: F401 (registers the methods' YAML sections)
 from .config import REPO_ROOT, ConfigError, load_config, save_config
 from .infra.checkpoint import atomic_write_bytes
 from .model_cost import forward_cost

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs 
 
 import os
 
+import guided_diffusion.distill  # noqa: F401 (registers the methods' YAML sections)
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import build_arg_parser, parse_config_args, primary_section
 from guided_diffusion.infra.compile_util import FastPath

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without pip install
 
+import guided_diffusion.distill  # noqa: F401 (registers the methods' YAML sections)
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import TRAINING_FLAGS, build_arg_parser, parse_config_args, primary_section
 from guided_diffusion.image_datasets import load_data

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import guided_diffusion.distill  # noqa: F401 (registers the methods' YAML sections, as every script does)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
 

@@ -1,5 +1,6 @@
-"""Adding a method is one new file plus its YAML section: a small example objective, written as a module
-beside the others, is found by its section name, validated, built by `build_run`, trained and saved."""
+"""Adding a method is one new file that registers its YAML section, imported before the config is loaded:
+a small example objective is found by its section name, validated, built by `build_run`, trained and
+saved; before its module is imported the section is unknown."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import guided_diffusion.distill as distill_pkg
 from guided_diffusion import dist_util, logger
 from guided_diffusion.config import ConfigError, load_config, model_and_diffusion_kwargs
-from guided_diffusion.distill.objective import find_method
+from guided_diffusion.distill.objective import find_method, unregister
 from guided_diffusion.distill.run import build_run
 from guided_diffusion.script_util import create_model_and_diffusion
 
@@ -24,6 +24,8 @@ EXAMPLE = textwrap.dedent(
     """Example method: pulls the student's middle features toward zero, scaled by a trainable weight."""
 
     import torch
+
+    from guided_diffusion.distill.objective import register
 
 
     def defaults():
@@ -45,21 +47,25 @@ EXAMPLE = textwrap.dedent(
 
     def build(config, parts):
         return MiddleEnergy(config["weight"]).to(parts.device)
+
+
+    register("middle_energy", defaults, build)
     '''
 )
 
 
 @pytest.fixture()
 def example_method(tmp_path, monkeypatch):
-    """The example module in a folder that extends the distill package, as a file in it would."""
+    """The example module in a folder of its own, importable as `middle_energy`; the test imports it."""
     folder = tmp_path / "methods"
     folder.mkdir()
     (folder / "middle_energy.py").write_text(EXAMPLE)
-    monkeypatch.setattr(distill_pkg, "__path__", [*distill_pkg.__path__, str(folder)])
+    monkeypatch.syspath_prepend(str(folder))
     yield
     import sys
 
-    sys.modules.pop("guided_diffusion.distill.middle_energy", None)
+    sys.modules.pop("middle_energy", None)
+    unregister("middle_energy")
 
 
 def test_a_new_objective_is_one_file_and_a_yaml_section(example_method, tmp_path):
@@ -74,6 +80,10 @@ def test_a_new_objective_is_one_file_and_a_yaml_section(example_method, tmp_path
     raw.student.max_steps, raw.student.save_interval = 2, 2
     raw.middle_energy = {"weight": 0.5}
     OmegaConf.save(raw, tmp_path / "kd.yaml")
+    with pytest.raises(ConfigError, match=r"unknown section 'middle_energy': no method owns it"):
+        load_config(tmp_path / "kd.yaml")
+    import middle_energy  # noqa: F401 (registers its section, as a script that uses the method would)
+
     assert find_method("middle_energy").defaults() == {"weight": 1.0}
     cfg = load_config(tmp_path / "kd.yaml")
     assert cfg.middle_energy == {"weight": 0.5}

@@ -113,3 +113,12 @@ def test_the_checker_sees_a_cycle(tmp_path, monkeypatch):
         assert "guided_diffusion.a -> guided_diffusion.b -> guided_diffusion.a" in str(exc)
     else:
         raise AssertionError("the cycle was not found")
+
+
+def test_no_module_imports_by_string():
+    """Methods are found through their registration (distill/__init__ registers the built-in ones), never by
+    importing a module named in a string: every dependency is a visible import statement."""
+    for name, path in _modules().items():
+        source = path.read_text()
+        for call in ("import_module(", "__import__(", "find_spec("):
+            assert call not in source, f"{name} calls {call}...)"

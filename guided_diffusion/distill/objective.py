@@ -6,16 +6,15 @@ objective left there (student_output, student_features). `terms["loss"]` is opti
 weighted by the pool's keep weights and averaged, a scalar is added as it is. Every entry is logged, the
 base objective's as they are and an extra objective's as `<section>_<key>`.
 
-A method is a module `guided_diffusion/distill/<section>.py` that defines `defaults()` (its YAML keys with
-their defaults, the schema the config loader checks) and `build(config, parts)` (its objective), or a pair
-given to `register`. State rule: an objective that is an `nn.Module` is trained with the student and its
-state (heads, queues, buffers) is saved in, and resumed from, the run's opt file; model files hold weights.
+A method is a module that defines `defaults()` (its YAML keys with their defaults, the schema the config
+loader checks) and `build(config, parts)` (its objective), and registers both under its YAML section with
+`register` when it is imported; this package's own methods are registered by its `__init__`. State rule:
+an objective that is an `nn.Module` is trained with the student and its state (heads, queues, buffers) is
+saved in, and resumed from, the run's opt file; model files hold weights.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,8 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-METHOD_PACKAGE = "guided_diffusion.distill"
-SECTION_MODULES = {"step_distill": "progressive"}  # YAML sections whose module has another name
+from ..config import register_section, unregister_section
 
 
 @dataclass
@@ -72,8 +70,9 @@ def register(
     defaults: Callable[[], dict[str, Any]],
     build: Callable[[Mapping[str, Any], RunParts], Objective] | None = None,
 ) -> Method:
-    """Register a method under its YAML section name (for methods that live outside this package)."""
+    """Make `section:` a YAML section (schema `defaults()`) and, with `build`, a term of the DKDM loop."""
     method = Method(section, defaults, build)
+    register_section(section, defaults)
     _REGISTERED[section] = method
     return method
 
@@ -81,33 +80,17 @@ def register(
 def unregister(section: str) -> None:
     """Forget a method registered with `register` (tests)."""
     _REGISTERED.pop(section, None)
+    unregister_section(section)
 
 
 def find_method(section: str) -> Method | None:
-    """The method of a YAML section: registered, or the module of that name in this package; None when
-    neither exists."""
-    if section in _REGISTERED:
-        return _REGISTERED[section]
-    name = f"{METHOD_PACKAGE}.{SECTION_MODULES.get(section, section)}"
-    if not section.isidentifier() or importlib.util.find_spec(name) is None:
-        return None
-    module = importlib.import_module(name)
-    defaults = getattr(module, "defaults", None)
-    if defaults is None:
-        return None
-    return Method(section, defaults, getattr(module, "build", None))
+    """The method registered under a YAML section, or None."""
+    return _REGISTERED.get(section)
 
 
 def known_sections() -> list[str]:
-    """The section names methods own: registered ones and this package's modules that define `defaults()`
-    (imports them; only an unknown section's error message asks)."""
-    import pkgutil
-    from pathlib import Path
-
-    aliases = {module: section for section, module in SECTION_MODULES.items()}
-    modules = pkgutil.iter_modules([str(Path(__file__).parent)])
-    found = {aliases.get(info.name, info.name) for info in modules}
-    return sorted(set(_REGISTERED) | {name for name in found if find_method(name) is not None})
+    """The section names registered methods own."""
+    return sorted(_REGISTERED)
 
 
 def build_objectives(
