@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,26 +73,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "memory_log_interval": 500,  # log host and CUDA memory every K steps (0 = never)
 }
 
-TEACHER_DEFAULTS: dict[str, Any] = {
-    "prob": 1.0,
-    "prob_per_item": False,  # ours: drop single items from the loss instead of the authors' whole batch
-    "BATCH": 0.4,  # rho (alias `rho`): the pool holds round(rho * T) * student batch_size states
-    "input_perturb": 0.0,
-    "student_clip_denoised": False,  # the authors' KDTrainLoop flag: clamp the student's x0 in the vb term
-    "batch_size": 1,  # alias `prepare_batch_size`: teacher states advanced per call while preparing the pool
-    "model_path": "",
-    "iter_choice": "dynamic_iterative_distillation",
-    "tempfile": "",
-    "use_fp16": False,
-    "precision": "auto",
-}
-
 CHOICES: dict[str, tuple[str, ...]] = {
-    "iter_choice": (
-        "dynamic_iterative_distillation",
-        "iterative_distillation",
-        "shuffled_iterative_distillation",
-    ),
     "precision": ("auto", "fp32", "fp16", "bf16", "adm_fp16"),
     "lr_schedule": ("constant", "cosine"),
     "schedule_sampler": ("uniform", "loss-second-moment"),
@@ -121,11 +103,6 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 
 # A DiT section names one of the paper's grid ("DiT-S/2" ... "DiT-XL/8") or this, then sets its own sizes.
 CUSTOM_DIT = "custom"
-
-# Spellings the authors' code accepts, mapped to ours.
-ALIASES: dict[str, dict[str, str]] = {
-    "iter_choice": {"shffled_iterative_distillation": "shuffled_iterative_distillation"},
-}
 
 # String keys that YAML may type as numbers (`timestep_respacing: 100`); stored as strings.
 NUMBER_AS_STRING_KEYS = frozenset({"timestep_respacing", "attention_resolutions", "channel_mult", "ema_rate"})
@@ -162,10 +139,39 @@ def section_defaults(kind: str, dit: bool = False) -> dict[str, Any]:
     if kind == "flat":
         defaults.update(TRAINING_DEFAULTS)
     elif kind == "teacher":
-        defaults.update(TEACHER_DEFAULTS)
+        defaults.update(teacher_schema().defaults())
     else:
         raise ValueError(f"unknown section kind {kind!r}")
     return defaults
+
+
+@dataclass(frozen=True)
+class TeacherSchema:
+    """What DKDM adds to a KD config's `teacher:` section beside the model and sampling keys (registered by
+    guided_diffusion.distill): its keys with defaults, the values a key may take, the authors' spellings of
+    values and their alias keys, and `check(section, where)`, which raises ValueError on a bad value."""
+
+    defaults: Callable[[], dict[str, Any]]
+    choices: Mapping[str, tuple[str, ...]]
+    value_aliases: Mapping[str, Mapping[str, str]]
+    key_aliases: Mapping[str, str]
+    check: Callable[[Mapping[str, Any], str], None]
+
+
+_TEACHER_SCHEMA: list[TeacherSchema] = []  # the registered one, if any
+
+
+def register_teacher_section(schema: TeacherSchema) -> None:
+    """Make `schema` the `teacher:` section's (DKDM registers it when guided_diffusion.distill is loaded)."""
+    _TEACHER_SCHEMA[:] = [schema]
+
+
+def teacher_schema() -> TeacherSchema:
+    """The registered `teacher:` schema; a ConfigError when none is (nothing imported DKDM)."""
+    if not _TEACHER_SCHEMA:
+        raise ConfigError("a KD config's teacher: section is DKDM's; import guided_diffusion.distill, which "
+                          "registers it, before loading one")
+    return _TEACHER_SCHEMA[0]
 
 
 def register_section(name: str, defaults: Callable[[], dict[str, Any]]) -> None:
@@ -289,11 +295,14 @@ def _coerce(key: str, value: Any, default: Any, source: str, where: str) -> Any:
     return value
 
 
-def _check_values(section: dict[str, Any], source: str, where: str) -> None:
-    """Value checks beyond types: choices, minimums, respacing, ranges."""
-    for key, choices in CHOICES.items():
+def _check_values(
+    section: dict[str, Any], source: str, where: str, schema: TeacherSchema | None = None
+) -> None:
+    """Value checks beyond types: choices, minimums, respacing, ranges (and a teacher schema's own)."""
+    aliases = schema.value_aliases if schema else {}
+    for key, choices in {**CHOICES, **(schema.choices if schema else {})}.items():
         if key in section:
-            value = ALIASES.get(key, {}).get(section[key], section[key])
+            value = aliases.get(key, {}).get(section[key], section[key])
             if value not in choices:
                 raise ConfigError(
                     f"{source}: invalid {key} '{section[key]}' in {where} (choose from {', '.join(choices)})"
@@ -302,10 +311,11 @@ def _check_values(section: dict[str, Any], source: str, where: str) -> None:
     for key, minimum in MINIMUMS.items():
         if key in section and section[key] < minimum:
             raise ConfigError(f"{source}: {key} {section[key]} in {where} must be at least {minimum}")
-    if "prob" in section and not 0.0 < section["prob"] <= 1.0:
-        raise ConfigError(f"{source}: prob {section['prob']} in {where} must be in (0, 1]")
-    if "BATCH" in section and section["BATCH"] <= 0.0:
-        raise ConfigError(f"{source}: BATCH {section['BATCH']} in {where} must be positive")
+    if schema is not None:
+        try:
+            schema.check(section, where)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     for key, (low, high, low_in, high_in) in RANGES.items():
         value = section.get(key)
         if value is None or isinstance(value, bool):
@@ -424,14 +434,10 @@ def _check_respacing(section: dict[str, Any], source: str, where: str) -> None:
 # Building sections
 
 
-# Clear names for the authors' teacher keys (their YAMLs keep working): alias -> the key it sets.
-TEACHER_ALIASES = {"rho": "BATCH", "prepare_batch_size": "batch_size"}
-
-
 def _apply_aliases(raw: dict[str, Any], source: str, where: str) -> dict[str, Any]:
-    """Rename alias keys to the authors' keys; giving both spellings is a ConfigError."""
+    """Rename the teacher schema's alias keys to the authors' keys; giving both spellings is a ConfigError."""
     resolved = dict(raw)
-    for alias, key in TEACHER_ALIASES.items():
+    for alias, key in teacher_schema().key_aliases.items():
         if alias in resolved:
             if key in resolved:
                 raise ConfigError(f"{source}: {where} sets both '{alias}' and '{key}' (the same setting)")
@@ -480,7 +486,7 @@ def _resolve_section(
     merged.update(own)
     for key, value in defaults.items():
         merged.setdefault(key, value)
-    _check_values(merged, source, where)
+    _check_values(merged, source, where, teacher_schema() if kind == "teacher" else None)
     return merged
 
 

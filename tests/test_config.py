@@ -21,6 +21,7 @@ from guided_diffusion.config import (
     save_config,
     validate_world_size,
 )
+from guided_diffusion.distill.dkdm.pool import MODES
 from guided_diffusion.script_util import architecture_defaults, model_and_diffusion_defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_every_yaml_loads(rel: str) -> None:
     section = primary_section(cfg)
     assert set(model_and_diffusion_kwargs(section)) == set(architecture_defaults(section))
     if is_kd_config(cfg):
-        assert cfg.teacher.iter_choice in config_mod.CHOICES["iter_choice"]
+        assert cfg.teacher.iter_choice in MODES
 
 
 @pytest.mark.parametrize("rel", FLAG_YAMLS)
@@ -362,3 +363,15 @@ def test_teacher_aliases_name_the_authors_keys(tmp_path: Path) -> None:
     both = base.replace("  BATCH: 0.4\n", "  BATCH: 0.4\n  rho: 0.2\n")
     with pytest.raises(ConfigError, match=r"both.yaml: teacher sets both 'rho' and 'BATCH'"):
         load_config(_write(tmp_path / "both.yaml", both))
+
+
+def test_the_teacher_section_is_dkdms_and_needs_it_registered(monkeypatch) -> None:
+    """config.py imports no method: the `teacher:` keys come from DKDM's registered schema (dkdm/settings),
+    and without it a KD config is a one-line error saying what to import."""
+    from guided_diffusion.distill.dkdm import settings
+
+    assert config_mod.teacher_schema() is settings.SCHEMA
+    assert set(settings.defaults()) <= set(load_config("yaml/digits_16/exp/Digits-DKDM.yaml").teacher)
+    monkeypatch.setattr(config_mod, "_TEACHER_SCHEMA", [])
+    with pytest.raises(ConfigError, match="teacher: section is DKDM's; import guided_diffusion.distill"):
+        load_config("yaml/digits_16/exp/Digits-DKDM.yaml")
