@@ -84,6 +84,7 @@ def write_inputs(args: argparse.Namespace, out: Path) -> Path:
     import torch
     from omegaconf import OmegaConf
 
+    import guided_diffusion.distill  # noqa: F401 (registers the methods' YAML sections)
     from guided_diffusion.config import check_input_files, load_config, model_and_diffusion_kwargs
     from guided_diffusion.script_util import create_any_model_and_diffusion
 
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"kd{i}.log",
             )
     if args.train_config:
+        import guided_diffusion.distill  # noqa: F401 (registers the methods' YAML sections)
         from guided_diffusion.config import load_config
 
         size = int(load_config(args.train_config).image_size)
