@@ -113,14 +113,11 @@ def write_random_pool(config: Path, path: Path) -> None:
     from guided_diffusion.config import load_config
     from guided_diffusion.distill.dkdm.cache import save_cache
     from guided_diffusion.distill.dkdm.pool import pool_size
-    from guided_diffusion.script_util import create_gaussian_diffusion
+    from guided_diffusion.distill.dkdm.setup import student_diffusion_of
 
     cfg = load_config(config)
     student = cfg.student
-    steps = create_gaussian_diffusion(
-        steps=student.diffusion_steps, noise_schedule=student.noise_schedule,
-        timestep_respacing=student.timestep_respacing,
-    ).num_timesteps
+    steps = student_diffusion_of(student).num_timesteps
     n = pool_size(cfg.teacher.iter_choice, cfg.teacher.BATCH, steps, student.batch_size)
     rng = np.random.default_rng(0)
     states = rng.standard_normal((n, 3, student.image_size, student.image_size), dtype=np.float32)
@@ -270,8 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"kd{i}.log",
             )
     if args.train_config:
-        import guided_diffusion.distill  # noqa: F401 (registers the methods' YAML sections)
-        from guided_diffusion.config import load_config
+        from guided_diffusion.config import load_config  # write_inputs registered the methods' sections
 
         size = int(load_config(args.train_config).image_size)
         data = write_images(out / "images", 512, size)

@@ -29,21 +29,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import guided_diffusion.distill  # noqa: E402, F401 (registers the methods' YAML sections)
 from benchmarks.digits_results import display_command, parse_edits, write_derived_config  # noqa: E402
+from benchmarks.end_to_end import write_random_pool  # noqa: E402
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs  # noqa: E402
-from guided_diffusion.distill.dkdm.cache import save_cache  # noqa: E402
-from guided_diffusion.distill.dkdm.pool import DYNAMIC, pool_size  # noqa: E402
-from guided_diffusion.distill.dkdm.setup import student_diffusion_of  # noqa: E402
 from guided_diffusion.infra.atomic_io import atomic_write_text  # noqa: E402
-from guided_diffusion.infra.checkpoint import atomic_torch_save, read_latest, safe_torch_load  # noqa: E402
+from guided_diffusion.infra.checkpoint import (  # noqa: E402
+    atomic_torch_save,
+    find_resume_set,
+    read_latest,
+    safe_torch_load,
+)
 from guided_diffusion.script_util import create_any_model_and_diffusion  # noqa: E402
+from guided_diffusion.train_util import parse_ema_rates  # noqa: E402
 
 MEMORY_LINE = re.compile(
     r"memory step (\d+): host_rss_mib ([0-9.]+)(?: cuda_allocated_mib ([0-9.]+) cuda_reserved_mib ([0-9.]+))?"
@@ -86,19 +90,6 @@ def random_teacher(config: Path, out: Path) -> Path:
     path = out / "random_teacher.pt"
     atomic_torch_save(model.state_dict(), str(path))
     return path
-
-
-def write_random_pool(config: Path, path: Path, seed: int = 0) -> int:
-    """A pool cache of the size image_kd expects (one rank), random normal states at random teacher steps;
-    returns its item count."""
-    cfg = load_config(config, overrides=None)
-    steps = student_diffusion_of(cfg.student).num_timesteps
-    n = pool_size(DYNAMIC, cfg.teacher.BATCH, steps, cfg.student.batch_size)
-    rng = np.random.default_rng(seed)
-    size = cfg.teacher.image_size
-    total_t = rng.integers(1, steps, size=n).astype(np.int64)
-    save_cache(str(path), total_t, rng.standard_normal((n, 3, size, size), dtype=np.float32))
-    return n
 
 
 def last_logged_step(run: Path) -> int:
@@ -154,18 +145,13 @@ def killed_run(cmd: list[str], run: Path, log: Path, targets: list[int], deadlin
     return kills
 
 
-def final_files(run: Path, step: int) -> dict[str, Path]:
-    """role -> file of the checkpoint set at `step` (model, opt, one per EMA rate)."""
-    found = read_latest(run)
-    if not found or found[0] != step:
-        raise SystemExit(f"error: {run} ended at {found and found[0]}, not at step {step}")
-    files = {}
-    for name in found[1]:
-        role = "model" if name.startswith("model") else "opt" if name.startswith("opt") else (
-            name.rsplit("_", 1)[0] if name.startswith("ema_") else None)
-        if role:
-            files[role] = run / name
-    return files
+def final_files(run: Path, step: int, ema_rates: list[float]) -> dict[str, Path]:
+    """role -> file of the run's newest complete checkpoint set ("model", "opt", "ema_<rate>"), which must
+    be the one of `step`."""
+    found = find_resume_set(run, required=("model", "opt", "ema"), ema_rates=ema_rates)
+    if found is None or found.step != step:
+        raise SystemExit(f"error: {run} ended at {found and found.step}, not at step {step}")
+    return {role: Path(path) for role, path in found.paths.items()}
 
 
 def tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -235,14 +221,15 @@ def run_mode(args: argparse.Namespace, mode: str, base: Path, out: Path) -> dict
     for run, proc in controls:
         if proc.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
             raise SystemExit(f"error: {run} failed; see {run}.log")
-    finals = [final_files(run, args.steps) for run, _ in controls]
+    rates = parse_ema_rates(load_config(config).student.ema_rate)
+    finals = [final_files(run, args.steps, rates) for run, _ in controls]
     result = {
         "deterministic": MODES[mode],
         "command": display_command(cmd),
         "kill_targets": targets,
         "kills": kills,
         "wall_s": round(time.monotonic() - started, 1),
-        "control_vs_killed": compare(finals[0], final_files(killed, args.steps)),
+        "control_vs_killed": compare(finals[0], final_files(killed, args.steps, rates)),
         "control_vs_control": compare(finals[0], finals[1]) if len(finals) > 1 else None,
         "memory": memory_trace(controls[0][0] / "log.txt"),
     }
@@ -313,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = out / "base.yaml"
     write_derived_config(Path(args.config), base, edits)
     if args.random_pool:
-        write_random_pool(base, out / "pool.cache")
+        write_random_pool(base, out / "pool.cache")  # end_to_end.py's, the one random-pool writer
     else:
         prepare = [sys.executable, "scripts/dynamic_prepare.py", "--config", str(base)]
         with open(out / "prepare.log", "wb") as log:

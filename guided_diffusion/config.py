@@ -158,20 +158,21 @@ class TeacherSchema:
     check: Callable[[Mapping[str, Any], str], None]
 
 
-_TEACHER_SCHEMA: list[TeacherSchema] = []  # the registered one, if any
+_TEACHER_SCHEMA: TeacherSchema | None = None  # the registered one
 
 
 def register_teacher_section(schema: TeacherSchema) -> None:
     """Make `schema` the `teacher:` section's (DKDM registers it when guided_diffusion.distill is loaded)."""
-    _TEACHER_SCHEMA[:] = [schema]
+    global _TEACHER_SCHEMA
+    _TEACHER_SCHEMA = schema
 
 
 def teacher_schema() -> TeacherSchema:
     """The registered `teacher:` schema; a ConfigError when none is (nothing imported DKDM)."""
-    if not _TEACHER_SCHEMA:
+    if _TEACHER_SCHEMA is None:
         raise ConfigError("a KD config's teacher: section is DKDM's; import guided_diffusion.distill, which "
                           "registers it, before loading one")
-    return _TEACHER_SCHEMA[0]
+    return _TEACHER_SCHEMA
 
 
 def register_section(name: str, defaults: Callable[[], dict[str, Any]]) -> None:

@@ -372,6 +372,6 @@ def test_the_teacher_section_is_dkdms_and_needs_it_registered(monkeypatch) -> No
 
     assert config_mod.teacher_schema() is settings.SCHEMA
     assert set(settings.defaults()) <= set(load_config("yaml/digits_16/exp/Digits-DKDM.yaml").teacher)
-    monkeypatch.setattr(config_mod, "_TEACHER_SCHEMA", [])
+    monkeypatch.setattr(config_mod, "_TEACHER_SCHEMA", None)
     with pytest.raises(ConfigError, match="teacher: section is DKDM's; import guided_diffusion.distill"):
         load_config("yaml/digits_16/exp/Digits-DKDM.yaml")

@@ -23,7 +23,6 @@ PathLike = str | os.PathLike
 
 ARCH_DIR = Path(__file__).resolve().parents[2] / "yaml" / "arch"
 LATEST_NAME = "latest"
-# temp-file names of atomic_io.atomic_write (".<name>.<random>.tmp")
 # The teachers the DKDM and TCCD READMEs tell users to download, by the path the YAMLs and commands use.
 PUBLISHED_TEACHERS = {
     "model/32x32_diffusion_cifar10.pt": "ADM_cifar10_baseline.pt",
@@ -32,6 +31,7 @@ PUBLISHED_TEACHERS = {
 }
 TEACHER_SOURCE = "DDPM-IP (https://github.com/forever208/DDPM-IP)"
 
+# temp-file names of atomic_io.atomic_write (".<name>.<random>.tmp")
 _TEMP_RE = re.compile(r"^\..+\.[^.]+\.tmp$")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _LIST_LIMIT = 10
