@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,6 +78,7 @@ def evaluate(
     sample_images: np.ndarray,
     extractor: FeatureExtractor,
     inception_like: bool = True,
+    class_histogram: bool = False,
 ) -> dict[str, float | None]:
     """All metrics of the sample batch against the reference batch with one feature network (None: n/a).
 
@@ -97,7 +99,7 @@ def evaluate(
         raise InputError(f"{ref_path}: stored mu has {ref_stats[0].shape[-1]} dims, the sample features "
                          f"{sample_stats[0].shape[-1]}")
     print("Computing evaluations...")
-    result: dict[str, float | None] = {
+    result: dict[str, Any] = {
         "inception_score": _inception_score(extractor, sample_feats) if inception_like else None,
         "fid": metrics.frechet_distance(*sample_stats, *ref_stats),
         "sfid": (
@@ -106,6 +108,8 @@ def evaluate(
             else None
         ),
     }
+    if class_histogram:
+        result["class_histogram"] = _class_histogram(sample_feats, sample_path)
     if ref_feats is None:  # statistics-only reference: no reference features to compare manifolds with
         result["precision"] = result["recall"] = None
         return result
@@ -114,6 +118,14 @@ def evaluate(
         ref_feats["pool"], sample_feats["pool"], distances=distances
     )
     return result
+
+
+def _class_histogram(feats: dict[str, np.ndarray | None], path: str) -> list[int]:
+    """Samples per class by the feature network's argmax (a digits student drawing too many 8s shows here)."""
+    logits = feats.get("logits")
+    if logits is None:
+        raise InputError(f"{path}: --class_histogram needs a feature network with class logits (e.g. digits)")
+    return np.bincount(logits.argmax(axis=1), minlength=logits.shape[1]).tolist()
 
 
 def _inception_score(extractor: FeatureExtractor, feats: dict[str, np.ndarray | None]) -> float | None:
@@ -134,6 +146,8 @@ def _print_results(result: dict[str, float | None], spec: str) -> None:
     for key in ("precision", "recall"):
         value = result[key]
         print(f"{key.capitalize()}:", "n/a (statistics-only reference)" if value is None else value)
+    if "class_histogram" in result:
+        print("Class histogram:", " ".join(map(str, result["class_histogram"])))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="also write the metrics as JSON to this file")
+    p.add_argument("--class_histogram", action="store_true",
+                   help="also count the samples per class (argmax of the feature network's logits)")
     p.add_argument("--dry_run", action="store_true", help="read and check both batches, then exit")
     return p
 
@@ -171,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         extractor = get_feature_extractor(args.features, args.device, weights, args.batch_size, args.tf_graph)
         inception_like = args.features in INCEPTION_LIKE
         result = evaluate(
-            args.ref_batch, ref_images, args.sample_batch, sample_images, extractor, inception_like
+            args.ref_batch, ref_images, args.sample_batch, sample_images, extractor, inception_like,
+            args.class_histogram,
         )
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)

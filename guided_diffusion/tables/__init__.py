@@ -1,0 +1,1 @@
+"""The papers' tables as data, planned into the seed READMEs' commands and run resumably (run_table.py)."""
