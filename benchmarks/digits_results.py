@@ -44,6 +44,7 @@ from guided_diffusion.config import ConfigError, load_config, primary_section  #
 from guided_diffusion.infra.checkpoint import atomic_write_bytes, parse_step  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
 from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
+from guided_diffusion.tables.plan import derive_config  # noqa: E402
 
 ALL_METHODS = (
     "reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd", "pd_4to2", "rdd_4to2",
@@ -202,24 +203,6 @@ def json_ready(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def write_derived_config(src: Path, dst: Path, edits: Mapping[str, Any]) -> dict[str, Any]:
-    """Write `src` to `dst` with dotted-key `edits` (e.g. `teacher.tempfile`) applied; returns the edits."""
-    raw = OmegaConf.to_container(OmegaConf.load(src), resolve=False)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: not a YAML mapping")
-    for dotted, value in edits.items():
-        node = raw
-        *parents, key = dotted.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{src}: no '{part}:' section for {dotted}")
-            node = node[part]
-        node[key] = value
-    header = f"# derived by benchmarks/digits_results.py from {display_command([str(src)])}\n"
-    atomic_write_bytes((header + OmegaConf.to_yaml(OmegaConf.create(raw))).encode(), str(dst))
-    return dict(edits)
 
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
@@ -742,7 +725,8 @@ class DigitsBenchmark:
         elif spec.data == "real":
             data_path = self.data_paths["train"]
         cfg_path = self.out / "configs" / f"{name}.yaml"
-        edits = write_derived_config(src, cfg_path, self.config_edits(spec, src, data_path))
+        edits = derive_config(src, cfg_path, self.config_edits(spec, src, data_path),
+                              "derived by benchmarks/digits_results.py")
         row.update(
             config=display_command([str(cfg_path)]),
             source_config=display_command([str(src)]),

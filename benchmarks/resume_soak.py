@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import guided_diffusion.distill  # noqa: E402, F401 (registers the methods' YAML sections)
-from benchmarks.digits_results import display_command, parse_edits, write_derived_config  # noqa: E402
+from benchmarks.digits_results import display_command, parse_edits  # noqa: E402
 from benchmarks.end_to_end import write_random_pool  # noqa: E402
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs  # noqa: E402
 from guided_diffusion.infra.atomic_io import atomic_write_text  # noqa: E402
@@ -47,6 +47,7 @@ from guided_diffusion.infra.checkpoint import (  # noqa: E402
     safe_torch_load,
 )
 from guided_diffusion.script_util import create_any_model_and_diffusion  # noqa: E402
+from guided_diffusion.tables.plan import derive_config  # noqa: E402
 from guided_diffusion.train_util import parse_ema_rates  # noqa: E402
 
 MEMORY_LINE = re.compile(
@@ -207,7 +208,7 @@ def run_mode(args: argparse.Namespace, mode: str, base: Path, out: Path) -> dict
     folder = out / mode
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "config.yaml"
-    write_derived_config(base, config, {"student.deterministic": MODES[mode]})
+    derive_config(base, config, {"student.deterministic": MODES[mode]}, f"resume_soak.py, mode {mode}")
     cmd = [sys.executable, "scripts/image_kd.py", "--config", str(config)]
     deadline = time.monotonic() + args.timeout_s
     controls = []
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.random_teacher:
         edits["teacher.model_path"] = str(random_teacher(Path(args.config), out))
     base = out / "base.yaml"
-    write_derived_config(Path(args.config), base, edits)
+    derive_config(Path(args.config), base, edits, "resume_soak.py")
     if args.random_pool:
         write_random_pool(base, out / "pool.cache")  # end_to_end.py's, the one random-pool writer
     else:

@@ -111,11 +111,11 @@ def test_derived_config_applies_dotted_edits_and_names_missing_sections(tmp_path
     src.write_text("teacher:\n  tempfile: a.cache\nstudent:\n  ema_rate: '0.9999'\n")
     dst = tmp_path / "out" / "kd.yaml"
     dst.parent.mkdir()
-    dr.write_derived_config(src, dst, {"teacher.tempfile": "b.cache", "student.ema_rate": "0.99"})
+    dr.derive_config(src, dst, {"teacher.tempfile": "b.cache", "student.ema_rate": "0.99"}, "test")
     text = dst.read_text()
     assert "tempfile: b.cache" in text and "ema_rate: '0.99'" in text
-    with pytest.raises(dr.ConfigError, match="no 'tccd:' section"):
-        dr.write_derived_config(src, dst, {"tccd.weight": 1.0})
+    with pytest.raises(ValueError, match="no 'tccd:' section"):
+        dr.derive_config(src, dst, {"tccd.weight": 1.0}, "test")
 
 
 def test_bad_method_name_is_one_line_error(tmp_path, capsys):

@@ -38,9 +38,10 @@ FULL_WIDTH, FULL_BLOCKS = 128, 3
 # round(rho x 1000) x B items, as the paper's), 100 in smoke (still one distinct pool per rho >= 0.01).
 SCALES: dict[str, dict[str, Any]] = {
     "digits": {"steps": 8000, "num_samples": 1000, "sample_batch_size": 500, "respacing": "50",
-               "schedule": "1000", "synthetic_samples": 1437, "batch_size": 0, "save_interval": 0},
+               "schedule": "1000", "synthetic_samples": 1437, "batch_size": 0, "save_interval": 0,
+               "prepare_batch_size": 4096},
     "smoke": {"steps": 2, "num_samples": 8, "sample_batch_size": 8, "respacing": "5", "schedule": "100",
-              "synthetic_samples": 8, "batch_size": 2, "save_interval": 1},
+              "synthetic_samples": 8, "batch_size": 2, "save_interval": 1, "prepare_batch_size": 8},
 }
 
 
@@ -320,8 +321,8 @@ class Planner:
         edits["student.ema_rate" if kd else "ema_rate"] = auto_ema_rate(self.steps())
         if self.scale.get("batch_size"):
             edits["student.batch_size" if kd else "batch_size"] = int(self.scale["batch_size"])
-            if "teacher" in base and row.method in ("dkdm", "tccd"):
-                edits["teacher.batch_size"] = max(int(self.scale["batch_size"]), 8)
+        if row.method in ("dkdm", "tccd"):  # teacher states per call while the pool is prepared
+            edits["teacher.batch_size"] = int(self.scale["prepare_batch_size"])
         dst = self.out / "configs" / f"{name}.yaml"
         derive_config(REPO_ROOT / DIGITS_CONFIGS[row.method], dst, edits, f"{self.mode} row {row.name}")
         return _rel(dst), edits
