@@ -2,7 +2,7 @@
 
     python scripts/run_table.py --list
     python scripts/run_table.py dkdm-rho [--ranks N] [--rows rho-0.01,rho-0.4] [--dry_run]
-    python scripts/run_table.py dkdm-rho --digits [--seeds 0,1]     # on the shipped digits teacher
+    python scripts/run_table.py dkdm-rho --digits [--seeds 0,1] [--jobs 4]   # on the digits teacher
     python scripts/run_table.py tccd-main --smoke                    # seconds on a CPU (CI)
 
 Output in --out (default experiments/tables/<table>[-digits|-smoke]): table.md, table.json, table.png where
@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, default=1, help="processes per stage (mpiexec -n, torchrun)")
     p.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each row runs once per seed")
+    p.add_argument("--jobs", type=int, default=1, help="stages run side by side once their inputs are done")
     p.add_argument("--dry_run", action="store_true", help="print every command without running any")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--digits", action="store_true", help="every row on the shipped digits teacher")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         table = load_table(args.table)
         out = Path(args.out or f"experiments/tables/{table.name}{'' if mode == 'full' else '-' + mode}")
         plan = build_plan(table, mode, out, args.seeds, args.ranks, [r for r in args.rows.split(",") if r])
-        runner = TableRunner(plan)
+        runner = TableRunner(plan, jobs=args.jobs)
         if args.dry_run:
             runner.dry_run()
             return 0

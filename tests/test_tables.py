@@ -135,13 +135,15 @@ def _table_rows(out: Path) -> dict:
 
 
 def test_smoke_table_killed_mid_row_resumes_to_the_same_table(tmp_path):
+    """Run one at a time (the control) and two at a time, killed with SIGKILL once a row's training is done
+    and resumed: the same numbers, and nothing finished before the kill runs again."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     base = [sys.executable, SCRIPT, "tccd-main", "--smoke", "--rows", "dkdm,tccd"]
     control = subprocess.run([*base, "--out", str(tmp_path / "control")], env=env, capture_output=True,
                              text=True, timeout=240)
     assert control.returncode == 0, control.stdout[-2000:] + control.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*base, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*base, "--out", str(out), "--jobs", "2"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -155,7 +157,8 @@ def test_smoke_table_killed_mid_row_resumes_to_the_same_table(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the table finished before it could be killed mid-row"
     before = json.loads((out / "state.json").read_text())["stages"]
     assert "evaluate:dkdm" not in before
-    resumed = subprocess.run([*base, "--out", str(out)], env=env, capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run([*base, "--out", str(out), "--jobs", "2"], env=env, capture_output=True,
+                             text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     after = json.loads((out / "state.json").read_text())["stages"]
     for key in ("prepare", "train:dkdm"):  # finished before the kill: not run again

@@ -1,4 +1,5 @@
-"""Run a table's stages as fresh processes, in order, resumably.
+"""Run a table's stages as fresh processes, resumably: one at a time in plan order, or with `jobs` > 1 up to
+that many side by side once their inputs are done (small digits models leave a GPU mostly idle).
 
 `state.json` in the table dir records every finished stage (command, exit code, wall time) and every row's
 metrics; a rerun of the same command skips what is done, resumes an interrupted training stage from its run
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from guided_diffusion.infra.atomic_io import atomic_write_text
 from guided_diffusion.infra.run_lock import claim_run_dir, holds_checkpoints
@@ -64,16 +66,29 @@ def _die_with_parent() -> None:
         pass
 
 
+@dataclass
+class _Running:
+    """A started stage: its process, open log and start time."""
+
+    stage: Stage
+    proc: subprocess.Popen
+    handle: IO[str]
+    log: Path
+    begin: float
+    resume: bool
+
+
 class TableRunner:
     """Runs a `Plan`'s stages into its table dir and rewrites table.md / table.json after each one."""
 
     def __init__(self, plan: Plan, env: Mapping[str, str] | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, jobs: int = 1) -> None:
         self.plan, self.out, self.echo = plan, plan.out, echo
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.state: dict[str, Any] = {"settings": plan.settings, "stages": {}, "rows": {}}
-        self.child: subprocess.Popen | None = None
+        self.jobs = max(1, jobs)
+        self.running: dict[str, _Running] = {}
         self.stop_signal = 0
 
     # ---- commands
@@ -136,7 +151,8 @@ class TableRunner:
     # ---- running
 
     def run(self) -> int:
-        """Run what is not done yet; 0 when every stage finished, 1 when one failed, 143 when stopped."""
+        """Run what is not done yet, up to `jobs` stages at a time once their inputs are done; 0 when every
+        stage finished, 1 when one failed, 128 + N when stopped by signal N."""
         refusal = claim_run_dir(str(self.out), allow_checkpoints=True)
         if refusal:
             raise TableError(refusal)
@@ -145,10 +161,7 @@ class TableRunner:
             find_mpiexec()
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         try:
-            for stage in self.plan.stages:
-                if self.stop_signal:
-                    break
-                self.run_stage(stage)
+            self._schedule()
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.save()
@@ -159,19 +172,44 @@ class TableRunner:
         self.echo(f"[table] {self.out / 'table.md'}" + (f"; {len(failed)} stage(s) not done" * bool(failed)))
         return 1 if failed else 0
 
+    def _schedule(self) -> None:
+        pending = [s for s in self.plan.stages if self.state["stages"].get(s.key, {}).get("status") != "done"]
+        while (pending or self.running) and not self.stop_signal:
+            for stage in list(pending):
+                if len(self.running) >= self.jobs:
+                    break
+                readiness = self._readiness(stage)
+                if readiness == "wait":
+                    continue
+                pending.remove(stage)
+                if readiness == "go":
+                    self.start(stage)
+            if self.running:
+                self._reap(block=True)
+            elif pending and all(self._readiness(s) == "wait" for s in pending):
+                raise TableError(f"stages wait on stages that never run: {[s.key for s in pending]}")
+        while self.running:  # stopped: the stages got the signal; keep what they save
+            self._reap(block=True)
+
+    def _readiness(self, stage: Stage) -> str:
+        """go (inputs done), skip (an input failed; recorded), wait (an input still to run)."""
+        statuses = [self.state["stages"].get(k, {}).get("status") for k in stage.after]
+        if all(status == "done" for status in statuses):
+            return "go"
+        if any(status in ("failed", "skipped", "stopped") for status in statuses):
+            blocked = [k for k, st in zip(stage.after, statuses, strict=True) if st != "done"]
+            self.record(stage, "skipped", error=f"needs {', '.join(blocked)}")
+            return "skip"
+        return "wait"
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+        for child in self.running.values():
+            if child.proc.poll() is None:
+                child.proc.send_signal(signum)
 
-    def run_stage(self, stage: Stage) -> None:
-        done = self.state["stages"].get(stage.key, {})
-        if done.get("status") == "done":
-            return
-        blocked = [k for k in stage.after if self.state["stages"].get(k, {}).get("status") != "done"]
-        if blocked:
-            self.record(stage, "skipped", error=f"needs {', '.join(blocked)}")
-            return
+    def start(self, stage: Stage) -> None:
+        """Start a stage's process (or record its product as found)."""
         if stage.kind in PRODUCTS and stage.exists and Path(stage.exists).exists():
             self.record(stage, "done", note=f"found {stage.exists}")
             return
@@ -184,25 +222,40 @@ class TableRunner:
         log = self.out / "logs" / f"{stage.key.replace(':', '_').replace('/', '_')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         self.echo(f"[table] {'resume ' if resume else ''}{stage.key}: {self.display(stage)}")
-        begin = time.perf_counter()
-        with open(log, "a") as handle:
-            handle.write(f"$ {shlex.join(argv)}\n")
-            handle.flush()
-            self.child = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=handle,
-                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-            rc = self.child.wait()
-            self.child = None
-        wall = time.perf_counter() - begin + float(done.get("wall_s", 0.0))
+        handle = open(log, "a")
+        handle.write(f"$ {shlex.join(argv)}\n")
+        handle.flush()
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+        self.running[stage.key] = _Running(stage, proc, handle, log, time.perf_counter(), resume)
+
+    def _reap(self, block: bool) -> None:
+        """Record every finished stage; with `block`, wait until at least one has finished."""
+        while True:
+            finished = [r for r in self.running.values() if r.proc.poll() is not None]
+            if finished or not block:
+                break
+            time.sleep(0.1)
+        for run in finished:
+            del self.running[run.stage.key]
+            run.handle.close()
+            self.finish(run)
+
+    def finish(self, run: _Running) -> None:
+        stage, rc = run.stage, run.proc.returncode
+        earlier = self.state["stages"].get(stage.key, {})
+        wall = time.perf_counter() - run.begin + float(earlier.get("wall_s", 0.0))
         if self.stop_signal:
-            self.record(stage, "stopped", rc=rc, wall_s=wall, resumed=resume)
-            return
-        if rc != 0:
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-            self.record(stage, "failed", rc=rc, wall_s=wall, error=f"exit {rc}: {tail}", log=str(log))
-            return
-        self.record(stage, "done", rc=rc, wall_s=wall, resumed=resume or done.get("resumed", False))
-        if stage.kind == "evaluate":
-            self.collect(stage)
+            self.record(stage, "stopped", rc=rc, wall_s=wall, resumed=run.resume)
+        elif rc != 0:
+            tail = " | ".join(run.log.read_text(errors="replace").strip().splitlines()[-3:])
+            self.record(stage, "failed", rc=rc, wall_s=wall, error=f"exit {rc}: {tail}", log=str(run.log))
+        else:
+            resumed = run.resume or earlier.get("resumed", False)
+            self.record(stage, "done", rc=rc, wall_s=wall, resumed=resumed)
+            if stage.kind == "evaluate":
+                self.collect(stage)
+                self.save()
 
     def _resumable(self, stage: Stage) -> bool:
         run_dir = stage.run_dir
