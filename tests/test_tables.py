@@ -73,7 +73,8 @@ def test_digits_mapping_keeps_rho_mode_and_relative_size(tmp_path):
 
     cfg = load_config(tmp_path / "rho" / "configs" / "rho-0.01.yaml")
     assert student_diffusion_of(cfg.student).num_timesteps == 1000  # round(0.01 x 1000) x B: the paper's
-    it = build_plan(load_table("dkdm-iteration"), "digits", tmp_path / "it")
+    it = build_plan(load_table("dkdm-iteration"), "digits", tmp_path / "it", steps=7)
+    assert all("--max_steps 7 " in c for c in _commands(it) if "image_kd.py" in c)
     assert {n: r["edits"]["teacher.iter_choice"] for n, r in it.rows.items()} == {
         "iterative": "iterative_distillation", "shuffled": "shuffled_iterative_distillation",
         "dynamic": "dynamic_iterative_distillation"}

@@ -179,7 +179,7 @@ class Planner:
     """Builds a `Plan`: the table's rows at one scale, for each seed, with shared stages once."""
 
     def __init__(self, table: Table, mode: str, out: Path, seeds: Sequence[int], ranks: int,
-                 rows: Sequence[str] = ()) -> None:
+                 rows: Sequence[str] = (), steps: int = 0) -> None:
         if mode not in MODES:
             raise TableError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         if ranks < 1:
@@ -188,6 +188,9 @@ class Planner:
         self.seeds = tuple(seeds) or (0,)
         self.selected = [table.row(name) for name in rows] if rows else list(table.rows)
         self.scale = {**SCALES.get(mode, {}), **(table.digits.get("scale", {}) if mode == "digits" else {})}
+        if steps < 0:
+            raise TableError(f"--steps must be positive, got {steps}")
+        self.steps_override = steps
         self.stages: list[Stage] = []
         self.keys: set[str] = set()
         self.rows: dict[str, dict[str, Any]] = {}
@@ -205,6 +208,9 @@ class Planner:
         return self.mode != "full"
 
     def steps(self) -> int:
+        """Training steps of every row: --steps, else the scale's (digits, smoke) or the table's."""
+        if self.steps_override:
+            return self.steps_override
         return int(self.scale["steps"]) if self.digits else self.table.steps
 
     def sample_settings(self) -> dict[str, Any]:
@@ -426,6 +432,7 @@ class Planner:
 
 
 def build_plan(table: Table, mode: str, out: str | os.PathLike, seeds: Sequence[int] = (0,), ranks: int = 1,
-               rows: Sequence[str] = ()) -> Plan:
-    """Every stage of `table` at `mode` ("full", "digits" or "smoke") into the table dir `out`."""
-    return Planner(table, mode, Path(out), seeds, ranks, rows).plan()
+               rows: Sequence[str] = (), steps: int = 0) -> Plan:
+    """Every stage of `table` at `mode` ("full", "digits" or "smoke") into the table dir `out`; `steps`
+    (> 0) replaces every row's training steps."""
+    return Planner(table, mode, Path(out), seeds, ranks, rows, steps).plan()
