@@ -65,6 +65,7 @@ def test_shared_stages_run_once_per_product(tmp_path):
 def test_digits_mapping_keeps_rho_mode_and_relative_size(tmp_path):
     plan = build_plan(load_table("dkdm-rho"), "digits", tmp_path / "rho", rows=["rho-0.01", "rho-0.4"])
     for name, rho in (("rho-0.01", 0.01), ("rho-0.4", 0.4)):
+        assert plan.rows[name]["pool"] == round(rho * 1000) * 64  # the digits batch over 1000 steps
         edits = plan.rows[name]["edits"]
         assert edits["teacher.BATCH"] == rho
         assert edits["teacher.timestep_respacing"] == edits["student.timestep_respacing"] == "1000"

@@ -35,10 +35,12 @@ DIGITS_STUDENT_ARCH = "yaml/digits_16/arch/student.yaml"
 # the other sizes scale that width as the paper does (96/128, 64/128) and drop a block where it does (3 -> 2).
 FULL_WIDTH, FULL_BLOCKS = 128, 3
 # Digits and smoke scales: steps, samples, grids. The pool schedule is the paper's 1000 steps in digits (so
-# round(rho x 1000) x B items, as the paper's), 100 in smoke (still one distinct pool per rho >= 0.01).
+# round(rho x 1000) x B items, as the paper's), 100 in smoke (still one distinct pool per rho >= 0.01). The
+# digits batch is half the paper's 128: the rho 0.4 pool is then 25,600 states, ~12.8M teacher calls of
+# one image to prepare, so that a whole digits table fits a 10-minute GPU call.
 SCALES: dict[str, dict[str, Any]] = {
-    "digits": {"steps": 8000, "num_samples": 1000, "sample_batch_size": 500, "respacing": "50",
-               "schedule": "1000", "synthetic_samples": 1437, "batch_size": 0, "save_interval": 0,
+    "digits": {"steps": 4000, "num_samples": 1000, "sample_batch_size": 500, "respacing": "50",
+               "schedule": "1000", "synthetic_samples": 1437, "batch_size": 64, "save_interval": 0,
                "prepare_batch_size": 4096},
     "smoke": {"steps": 2, "num_samples": 8, "sample_batch_size": 8, "respacing": "5", "schedule": "100",
               "synthetic_samples": 8, "batch_size": 2, "save_interval": 1, "prepare_batch_size": 8},
@@ -173,6 +175,20 @@ def auto_ema_rate(steps: int) -> str:
         if steps * -math.log(rate) >= 5.0:
             return str(rate)
     return "0.9"
+
+
+def pool_items(config: Path, ranks: int) -> int:
+    """States in a DKDM config's pool over all ranks: round(rho x T) x B for the dynamic mode (T the student's
+    schedule), B for the iterative and shuffled ones."""
+    import guided_diffusion.distill  # noqa: F401 (the teacher: section's schema)
+    from guided_diffusion.config import load_config
+    from guided_diffusion.distill.dkdm.pool import pool_size
+    from guided_diffusion.distill.dkdm.setup import student_diffusion_of
+
+    cfg = load_config(config)
+    timesteps = student_diffusion_of(cfg.student).num_timesteps
+    batch = cfg.student.batch_size // ranks
+    return ranks * pool_size(cfg.teacher.iter_choice, cfg.teacher.BATCH, timesteps, batch)
 
 
 class Planner:
@@ -347,6 +363,7 @@ class Planner:
         needs: list[Stage | None] = [data]
         if row.method in ("dkdm", "tccd"):
             teacher = raw["teacher"]
+            info["pool"] = pool_items(REPO_ROOT / config, self.ranks)
             if teacher.get("iter_choice", "dynamic_iterative_distillation") != "iterative_distillation":
                 cache = str(teacher["tempfile"])
                 needs.append(self.add(Stage(

@@ -45,6 +45,8 @@ def summarize(plan: Plan, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]
         entry["params"] = next((r.get("params") for _, r in found if r.get("params")), None)
         walls = [r.get("wall_s") for _, r in found if r.get("wall_s") is not None]
         entry["wall_s"] = sum(walls) / len(walls) if walls else None
+        entry["pool"] = next((info["pool"] for info in plan.rows.values()
+                              if info["row"] == row.name and "pool" in info), None)
         histograms = [r["class_histogram"] for _, r in found if r.get("class_histogram")]
         entry["class_histogram"] = histograms[0] if histograms else None
         out[row.name] = entry
@@ -83,14 +85,16 @@ def render_markdown(plan: Plan, state: Mapping[str, Any], commands: Sequence[str
              f"{sample['num_samples']} at {sample['timestep_respacing']} steps.", ""]
     if table.note:
         lines += [table.note, ""]
-    header = ["row", *(label for _, label, _ in COLUMNS), "params", "wall s", "FID by seed", "paper FID"]
+    header = ["row", *(label for _, label, _ in COLUMNS), "params", "pool", "wall s", "FID by seed",
+              "paper FID"]
     histogram = any(r.get("class_histogram") for r in rows.values())
     if histogram:
         header.append("samples per class 0-9")
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows.values():
         cells = [row["label"], *(_fmt(row.get(key), spec) for key, _, spec in COLUMNS),
-                 f"{row['params']:,}" if row.get("params") else "n/a", _fmt(row.get("wall_s"), ".0f"),
+                 f"{row['params']:,}" if row.get("params") else "n/a",
+                 f"{row['pool']:,}" if row.get("pool") else "", _fmt(row.get("wall_s"), ".0f"),
                  " / ".join(_fmt(f, ".2f") for f in row["fid_by_seed"]) or "n/a",
                  _fmt(row["paper"].get("fid"), ".2f")]
         if histogram:

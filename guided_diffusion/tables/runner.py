@@ -119,6 +119,9 @@ class TableRunner:
         """Print every stage's command in order, with the row it belongs to."""
         self.echo(f"# table {self.plan.table.name} ({self.plan.mode}), {len(self.plan.stages)} stages, "
                   f"out {self.out}")
+        for name, info in self.plan.rows.items():
+            if "pool" in info:
+                self.echo(f"# {name}: pool of {info['pool']:,} teacher states")
         for stage in self.plan.stages:
             self.echo(f"[{stage.kind}{' ' + stage.row if stage.row else ''}] {self.display(stage)}")
 
