@@ -39,8 +39,10 @@ def _published() -> dict[str, str]:
 
 
 PUBLISHED_BLOCKS = _published()
-# YAML files that are not experiment configs (the digits demo's schedules; tests/test_demo.py covers them).
-NOT_CONFIGS = {"yaml/digits_16/demo.yaml"}
+# YAML files that are not experiment configs (the digits demo's schedules, tests/test_demo.py covers them;
+# the paper tables, tests/test_tables.py).
+TABLES = {f"yaml/tables/{p.name}" for p in (REPO / "yaml" / "tables").glob("*.yaml")}
+NOT_CONFIGS = {"yaml/digits_16/demo.yaml", *TABLES}
 _YAML_FILES = [*(REPO / "yaml").rglob("*.yaml"), *TINY.glob("*.yaml")]
 # RCFD/RDD flag files (yaml/*/rcfd/): the authors' flag names, read by scripts/rcfd_train.py and rcfd_eval.py.
 FLAG_YAMLS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "yaml").glob("*/rcfd/*.yaml"))
