@@ -206,8 +206,11 @@ class GraphedTraining:
         quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
         if quiet is not None:
             quiet(False)
+        # The warm-up passes before the capture draw from the RNG (dropout). A resumed run records again at
+        # its first step, so they must not move the training's RNG stream, or it leaves the uninterrupted one.
+        devices = [x.device] if x.is_cuda else []
         try:
-            with _no_autocast_cache():
+            with _no_autocast_cache(), torch.random.fork_rng(devices=devices):
                 self.graphed = torch.cuda.make_graphed_callables(
                     _Forward(self.module), sample, num_warmup_iters=3, allow_unused_input=True
                 )
