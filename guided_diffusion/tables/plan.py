@@ -43,7 +43,7 @@ SCALES: dict[str, dict[str, Any]] = {
                "schedule": "1000", "synthetic_samples": 1437, "batch_size": 64, "save_interval": 0,
                "prepare_batch_size": 4096},
     "smoke": {"steps": 2, "num_samples": 8, "sample_batch_size": 8, "respacing": "5", "schedule": "100",
-              "synthetic_samples": 8, "batch_size": 2, "save_interval": 1, "prepare_batch_size": 8},
+              "synthetic_samples": 8, "batch_size": 1, "save_interval": 1, "prepare_batch_size": 256},
 }
 
 
