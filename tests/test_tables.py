@@ -106,10 +106,11 @@ def test_bad_tables_are_one_line_errors(tmp_path):
 
 
 def test_claims_hold_only_beyond_the_measured_spread(tmp_path):
-    plan = build_plan(load_table("tccd-main"), "smoke", tmp_path, seeds=(0, 1))
+    plan = build_plan(load_table("tccd-main"), "smoke", tmp_path, seeds=(0, 1), rows=["dkdm", "tccd"])
     fids = {"baseline@s0": 9.0, "baseline@s1": 9.4, "dkdm@s0": 8.0, "dkdm@s1": 8.2, "tccd@s0": 7.9,
             "tccd@s1": 8.1}
-    state = {"rows": {k: {"fid": v} for k, v in fids.items()}, "stages": {}}
+    earlier = {f"baseline@s{s}": {"row": "baseline", "seed": s} for s in (0, 1)}  # an earlier --rows call
+    state = {"rows": {k: {"fid": v} for k, v in fids.items()}, "stages": {}, "row_info": earlier}
     rows = summarize(plan, state)
     assert rows["baseline"]["fid_spread"] == pytest.approx(0.4) and rows["dkdm"]["fid"] == pytest.approx(8.1)
     verdicts = {(v["better"], v["worse"]): v["verdict"] for v in judge_claims(plan, rows)}

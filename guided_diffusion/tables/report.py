@@ -28,8 +28,9 @@ def _fmt(value: Any, spec: str) -> str:
 def summarize(plan: Plan, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per table row (seeds merged): mean of each metric, each seed's FID, the FID spread (max - min)."""
     out: dict[str, dict[str, Any]] = {}
+    infos = {**state.get("row_info", {}), **plan.rows}  # rows of earlier --rows calls into the same dir too
     for row in plan.table.rows:
-        runs = [(info["seed"], state["rows"].get(name)) for name, info in plan.rows.items()
+        runs = [(info["seed"], state["rows"].get(name)) for name, info in infos.items()
                 if info["row"] == row.name]
         if not runs:
             continue
@@ -45,7 +46,7 @@ def summarize(plan: Plan, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]
         entry["params"] = next((r.get("params") for _, r in found if r.get("params")), None)
         walls = [r.get("wall_s") for _, r in found if r.get("wall_s") is not None]
         entry["wall_s"] = sum(walls) / len(walls) if walls else None
-        entry["pool"] = next((info["pool"] for info in plan.rows.values()
+        entry["pool"] = next((info["pool"] for info in infos.values()
                               if info["row"] == row.name and "pool" in info), None)
         histograms = [r["class_histogram"] for _, r in found if r.get("class_histogram")]
         entry["class_histogram"] = histograms[0] if histograms else None

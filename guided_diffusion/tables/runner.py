@@ -86,7 +86,8 @@ class TableRunner:
         self.plan, self.out, self.echo = plan, plan.out, echo
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
-        self.state: dict[str, Any] = {"settings": plan.settings, "stages": {}, "rows": {}}
+        self.state: dict[str, Any] = {"settings": plan.settings, "stages": {}, "rows": {},
+                                      "row_info": dict(plan.rows)}
         self.jobs = max(1, jobs)
         self.running: dict[str, _Running] = {}
         self.stop_signal = 0
@@ -142,6 +143,7 @@ class TableRunner:
             raise TableError(f"{self.out} holds a table run with other settings ({pairs}); use another --out")
         self.state["stages"] = previous.get("stages", {})
         self.state["rows"] = previous.get("rows", {})
+        self.state["row_info"] = {**previous.get("row_info", {}), **self.plan.rows}
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
