@@ -16,6 +16,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # One BLAS/OpenMP thread per process: tests start mpiexec ranks beside pytest, and oversubscribed threads made
-# tiny models 10-100x slower on 2 cores.
+# tiny models 10-100x slower on 2 cores. Two pytest workers (pytest-xdist), one per core of the CI machine:
+# 8.7 minutes instead of 13.7 there.
 test: lint
-	OMP_NUM_THREADS=1 PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -n 2 tests

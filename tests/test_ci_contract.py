@@ -67,7 +67,7 @@ def test_make_test_is_ruff_then_pytest():
     cmds = _make_dry_run("test")[1:]
     assert len(cmds) == 2, cmds
     assert cmds[0].endswith("/bin/ruff check .")
-    assert cmds[1].endswith("/bin/python -m pytest -q tests")
+    assert cmds[1].endswith("/bin/python -m pytest -q -n 2 tests")
 
 
 def test_make_demo_runs_the_demo_script():
