@@ -230,6 +230,7 @@ class Planner:
         return int(self.scale["steps"]) if self.digits else self.table.steps
 
     def sample_settings(self) -> dict[str, Any]:
+        """Sample count, batch and grid of every evaluated row at this scale."""
         if self.digits:
             return {"num_samples": self.scale["num_samples"], "batch_size": self.scale["sample_batch_size"],
                     "timestep_respacing": self.scale["respacing"]}
@@ -245,11 +246,13 @@ class Planner:
                               exists=str(data / "digits16_ref.npz")))
 
     def ref_batch(self, row: Row) -> str:
+        """The evaluator's reference batch: the digits ref split, the row's own or the table's."""
         if self.digits:
             return _rel(self.out / "data" / "digits" / "digits16_ref.npz")
         return str(row.dataset.get("ref_batch", self.table.ref_batch))
 
     def real_batch(self, row: Row) -> str:
+        """Real images mixed into data-limited sets (and RCFD's training data)."""
         if self.digits:
             return _rel(self.out / "data" / "digits" / "digits16_train.npz")
         return str(row.dataset.get("real_batch", self.table.real_batch))
@@ -316,12 +319,13 @@ class Planner:
         self.evaluate(row, name, samples, last)
 
     def sample_teacher(self, row: Row, name: str, seed: int, data: Stage | None) -> Stage:
-        config, model = self.teacher(row)
-        grid = (self.table.digits.get("teacher_respacing", "") if self.digits else row.respacing) or \
-            self.sample_settings()["timestep_respacing"]
+        """The teacher row: its samples on the row's grid (digits: the table's `teacher_respacing`)."""
         if not self.digits and is_rcfd_config(row.config or ""):
             return self.rcfd_sample(row.config, name, seed, row.args)
+        config, model = self.teacher(row)
         settings = self.sample_settings()
+        own = self.table.digits.get("teacher_respacing", "") if self.digits else row.respacing
+        grid = own or settings["timestep_respacing"]
         return self.add(Stage(
             f"sample:{name}", "sample", "scripts/image_sample.py",
             ["--config", config, "--model_path", model, "--batch_size", str(settings["batch_size"]),
