@@ -44,7 +44,7 @@ from guided_diffusion.config import ConfigError, load_config, primary_section  #
 from guided_diffusion.infra.checkpoint import atomic_write_bytes, parse_step  # noqa: E402
 from guided_diffusion.run_setup import build_model_and_diffusion, load_model_weights  # noqa: E402
 from guided_diffusion.sampling import sample_images, save_grid  # noqa: E402
-from guided_diffusion.tables.plan import derive_config  # noqa: E402
+from guided_diffusion.tables.plan import auto_ema_rate, derive_config  # noqa: E402
 
 ALL_METHODS = (
     "reference", "teacher", "dkdm", "baseline", "real", "tccd", "pd", "rdd", "pd_4to2", "rdd_4to2",
@@ -58,7 +58,6 @@ TEACHER_CKPT = "model/digits16_teacher.pt"
 DDIM_GRIDS = ("ddim", "trailing")  # respacings sampled with DDIM (eta 0)
 RDD_CONFIG_DIR = "yaml/digits_16/exp/rdd"
 TEACHER_DDIM_ROWS = {"teacher_ddim8": "trailing8", "teacher_ddim4": "trailing4", "teacher_ddim2": "trailing2"}
-EMA_CHOICES = (0.9999, 0.999, 0.995, 0.99, 0.9)
 # settings that must agree across calls writing into the same DIR (rows are compared with each other)
 SHARED_SETTINGS = ("steps", "num_samples", "seed", "respacing", "ema_rate", "batch_size", "lr")
 
@@ -149,14 +148,6 @@ class BenchError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def auto_ema_rate(steps: int) -> str:
-    """The slowest EMA in EMA_CHOICES whose weight on the initialization after `steps` is below e^-5."""
-    for rate in EMA_CHOICES:
-        if steps * -math.log(rate) >= 5.0:
-            return str(rate)
-    return str(EMA_CHOICES[-1])
 
 
 def find_rdd_config(method: str, config_dir: Path = REPO_ROOT / RDD_CONFIG_DIR) -> Path:

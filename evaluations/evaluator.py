@@ -79,7 +79,7 @@ def evaluate(
     extractor: FeatureExtractor,
     inception_like: bool = True,
     class_histogram: bool = False,
-) -> dict[str, float | None]:
+) -> dict[str, Any]:
     """All metrics of the sample batch against the reference batch with one feature network (None: n/a).
 
     Features are extracted with TF32 off. An extractor may bring ADM's own arithmetic for the Inception Score
@@ -137,7 +137,7 @@ def _inception_score(extractor: FeatureExtractor, feats: dict[str, np.ndarray | 
     return metrics.inception_score(logits, from_logits=True) if logits is not None else None
 
 
-def _print_results(result: dict[str, float | None], spec: str) -> None:
+def _print_results(result: dict[str, Any], spec: str) -> None:
     for key, label in (("inception_score", "Inception Score:"), ("fid", "FID:"), ("sfid", "sFID:")):
         if result[key] is None:
             print(f"{label[:-1]}: not available for the '{spec}' feature network")

@@ -163,18 +163,16 @@ def derive_config(src: Path, dst: Path, edits: Mapping[str, Any], header: str) -
     return dict(edits)
 
 
-def _ema_rate(raw: Mapping[str, Any]) -> str:
-    section = raw.get("student", raw)
-    return str(section.get("ema_rate", "0.9999")).split(",")[0].strip()
+EMA_CHOICES = (0.9999, 0.999, 0.995, 0.99, 0.9)
 
 
 def auto_ema_rate(steps: int) -> str:
-    """The slowest of 0.9999 ... 0.9 whose weight on the initial weights after `steps` is below e^-5 (a
+    """The slowest EMA in EMA_CHOICES whose weight on the initialization after `steps` is below e^-5 (a
     short digits run would otherwise be scored on a near-initial EMA)."""
-    for rate in (0.9999, 0.999, 0.995, 0.99, 0.9):
+    for rate in EMA_CHOICES:
         if steps * -math.log(rate) >= 5.0:
             return str(rate)
-    return "0.9"
+    return str(EMA_CHOICES[-1])
 
 
 def pool_items(config: Path, ranks: int) -> int:
@@ -208,16 +206,17 @@ class Planner:
             raise TableError(f"--steps must be positive, got {steps}")
         self.steps_override = steps
         self.stages: list[Stage] = []
-        self.keys: set[str] = set()
+        self.by_key: dict[str, Stage] = {}
         self.rows: dict[str, dict[str, Any]] = {}
 
     # ---- helpers
 
     def add(self, stage: Stage) -> Stage:
-        if stage.key not in self.keys:
-            self.keys.add(stage.key)
+        """Plan `stage` once: a stage with a planned key is the planned one (shared stages)."""
+        if stage.key not in self.by_key:
+            self.by_key[stage.key] = stage
             self.stages.append(stage)
-        return stage
+        return self.by_key[stage.key]
 
     @property
     def digits(self) -> bool:
@@ -284,8 +283,6 @@ class Planner:
                        str(settings["timestep_respacing"]), "--use_ddim", "False", "--seed", str(seed),
                        "--output_dir", _rel(out)], self.ranks, after=self._after(self.data_stage()))
         stage.exists = str(out / name)
-        if stage.key in self.keys:
-            return next(s for s in self.stages if s.key == stage.key)
         return self.add(stage)
 
     @staticmethod
@@ -399,8 +396,11 @@ class Planner:
         train = self.add(Stage(f"train:{name}", "train", script, [*common, *extra], self.ranks, row=name,
                                run_dir=str(run_dir), resume=["--resume_checkpoint", _rel(run_dir)],
                                after=self._after(*needs)))
+        from guided_diffusion.config import TRAINING_DEFAULTS
+        from guided_diffusion.train_util import parse_ema_rates
+
         section = raw.get("student", raw)
-        rate = _ema_rate(raw)
+        rate = parse_ema_rates(section.get("ema_rate", TRAINING_DEFAULTS["ema_rate"]))[0]  # TrainLoop's name
         checkpoint = _rel(run_dir / f"ema_{rate}_{steps:06d}.pt")
         info["checkpoint"] = checkpoint
         grid = section.get("timestep_respacing") if row.method in ("pd", "rdd") else None
