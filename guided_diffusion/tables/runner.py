@@ -256,11 +256,10 @@ class TableRunner:
             tail = " | ".join(run.log.read_text(errors="replace").strip().splitlines()[-3:])
             self.record(stage, "failed", rc=rc, wall_s=wall, error=f"exit {rc}: {tail}", log=str(run.log))
         else:
+            if stage.kind == "evaluate":
+                self.collect(stage, wall)
             resumed = run.resume or earlier.get("resumed", False)
             self.record(stage, "done", rc=rc, wall_s=wall, resumed=resumed)
-            if stage.kind == "evaluate":
-                self.collect(stage)
-                self.save()
 
     def _resumable(self, stage: Stage) -> bool:
         run_dir = stage.run_dir
@@ -278,8 +277,9 @@ class TableRunner:
             self.echo(f"[table] {stage.key}: {status}{': ' + fields['error'] if fields.get('error') else ''}")
         self.save()
 
-    def collect(self, stage: Stage) -> None:
-        """Read the evaluator's metrics (and the student's parameter count) into the row."""
+    def collect(self, stage: Stage, wall: float) -> None:
+        """Read the evaluator's metrics (and the student's parameter count) into the row; its wall time is
+        its stages' (this evaluation's `wall` included, recorded right after)."""
         metrics = json.loads(Path(stage.metrics).read_text())
         info = self.plan.rows[stage.row]
         row = {k: metrics.get(k) for k in ("fid", "sfid", "inception_score", "precision", "recall",
@@ -287,14 +287,14 @@ class TableRunner:
         checkpoint = info.get("checkpoint")
         if checkpoint and (REPO_ROOT / checkpoint).is_file():
             row["params"] = count_parameters(REPO_ROOT / checkpoint)
-        row["wall_s"] = sum(v.get("wall_s", 0.0) for v in self.state["stages"].values()
-                            if v["row"] == stage.row)
+        row["wall_s"] = wall + sum(v.get("wall_s", 0.0) for k, v in self.state["stages"].items()
+                                   if v["row"] == stage.row and k != stage.key)
         self.state["rows"][stage.row] = row
 
 
 def count_parameters(path: Path) -> int:
     """Elements of every tensor in a state-dict checkpoint (the model's parameter count)."""
-    import torch
+    from guided_diffusion.infra.checkpoint import safe_torch_load
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path)
     return int(sum(v.numel() for v in state.values() if hasattr(v, "numel")))
