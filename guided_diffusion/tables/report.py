@@ -76,10 +76,11 @@ def judge_claims(plan: Plan, rows: Mapping[str, Mapping[str, Any]]) -> list[dict
     return verdicts
 
 
-def render_markdown(plan: Plan, state: Mapping[str, Any], commands: Sequence[str]) -> str:
-    """The table in the paper's layout, our numbers beside the paper's, then claims and commands."""
+def render_markdown(plan: Plan, state: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]],
+                    verdicts: Sequence[Mapping[str, Any]], commands: Sequence[str]) -> str:
+    """The table in the paper's layout (`rows` from summarize, `verdicts` from judge_claims), our numbers
+    beside the paper's, then the claims, the stages not done and the commands."""
     table = plan.table
-    rows = summarize(plan, state)
     sample = plan.settings["sample"]
     lines = [f"# {table.title}", "", f"Source of the paper's numbers: {table.source}. Mode: {plan.mode}; "
              f"{plan.settings['steps']} training steps; seeds {', '.join(map(str, plan.seeds))}; samples: "
@@ -101,7 +102,6 @@ def render_markdown(plan: Plan, state: Mapping[str, Any], commands: Sequence[str
         if histogram:
             cells.append(" ".join(map(str, row["class_histogram"])) if row.get("class_histogram") else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
-    verdicts = judge_claims(plan, rows)
     if verdicts:
         lines += ["", "The paper's orderings here (FID; spread: the largest seed-to-seed FID range):", ""]
         for v in verdicts:
@@ -157,9 +157,9 @@ def plot_table(plan: Plan, rows: Mapping[str, Mapping[str, Any]], path: str) -> 
 def write_reports(plan: Plan, state: Mapping[str, Any], commands: Sequence[str]) -> None:
     """Rewrite table.md, table.json and (where the paper has one) table.png in the table dir, atomically."""
     rows = summarize(plan, state)
+    verdicts = judge_claims(plan, rows)
     payload = {"table": plan.table.name, "title": plan.table.title, "source": plan.table.source,
-               "settings": plan.settings, "rows": rows, "claims": judge_claims(plan, rows),
-               "commands": list(commands)}
+               "settings": plan.settings, "rows": rows, "claims": verdicts, "commands": list(commands)}
     atomic_write_text(plan.out / "table.json", json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(plan.out / "table.md", render_markdown(plan, state, commands))
+    atomic_write_text(plan.out / "table.md", render_markdown(plan, state, rows, verdicts, commands))
     plot_table(plan, rows, str(plan.out / "table.png"))
