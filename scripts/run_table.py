@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, default=1, help="processes per stage (mpiexec -n, torchrun)")
     p.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each row runs once per seed")
+    p.add_argument("--seed_rows", default="",
+                   help="comma-separated rows run with every seed (the spread); the others with the first")
     p.add_argument("--steps", type=int, default=0, help="training steps of every row (default: the scale's)")
     p.add_argument("--jobs", type=int, default=1, help="stages run side by side once their inputs are done")
     p.add_argument("--dry_run", action="store_true", help="print every command without running any")
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         table = load_table(args.table)
         out = Path(args.out or f"experiments/tables/{table.name}{'' if mode == 'full' else '-' + mode}")
         rows = [r for r in args.rows.split(",") if r]
-        plan = build_plan(table, mode, out, args.seeds, args.ranks, rows, args.steps)
+        seed_rows = [r for r in args.seed_rows.split(",") if r]
+        plan = build_plan(table, mode, out, args.seeds, args.ranks, rows, args.steps, seed_rows)
         runner = TableRunner(plan, jobs=args.jobs)
         if args.dry_run:
             runner.dry_run()

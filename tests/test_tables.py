@@ -105,6 +105,15 @@ def test_bad_tables_are_one_line_errors(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no row 'nope'" in proc.stderr
 
 
+def test_seed_rows_run_every_seed_and_the_other_rows_the_first_only(tmp_path):
+    plan = build_plan(load_table("dkdm-iteration"), "digits", tmp_path, seeds=(3, 5), seed_rows=["dynamic"])
+    assert sorted(plan.rows) == ["dynamic@s3", "dynamic@s5", "iterative@s3", "shuffled@s3"]
+    trains = sorted(s.row for s in plan.stages if s.kind == "train")
+    assert trains == ["dynamic@s3", "dynamic@s5", "iterative@s3", "shuffled@s3"]
+    with pytest.raises(TableError, match="no row 'nope'"):
+        build_plan(load_table("dkdm-iteration"), "digits", tmp_path, seeds=(0, 1), seed_rows=["nope"])
+
+
 def test_claims_hold_only_beyond_the_measured_spread(tmp_path):
     plan = build_plan(load_table("tccd-main"), "smoke", tmp_path, seeds=(0, 1), rows=["dkdm", "tccd"])
     fids = {"baseline@s0": 9.0, "baseline@s1": 9.4, "dkdm@s0": 8.0, "dkdm@s1": 8.2, "tccd@s0": 7.9,

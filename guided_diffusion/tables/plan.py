@@ -193,7 +193,7 @@ class Planner:
     """Builds a `Plan`: the table's rows at one scale, for each seed, with shared stages once."""
 
     def __init__(self, table: Table, mode: str, out: Path, seeds: Sequence[int], ranks: int,
-                 rows: Sequence[str] = (), steps: int = 0) -> None:
+                 rows: Sequence[str] = (), steps: int = 0, seed_rows: Sequence[str] = ()) -> None:
         if mode not in MODES:
             raise TableError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         if ranks < 1:
@@ -201,6 +201,7 @@ class Planner:
         self.table, self.mode, self.out, self.ranks = table, mode, out.resolve(), ranks
         self.seeds = tuple(seeds) or (0,)
         self.selected = [table.row(name) for name in rows] if rows else list(table.rows)
+        self.seed_rows = {table.row(name).name for name in seed_rows}
         self.scale = {**SCALES.get(mode, {}), **(table.digits.get("scale", {}) if mode == "digits" else {})}
         if steps < 0:
             raise TableError(f"--steps must be positive, got {steps}")
@@ -294,7 +295,8 @@ class Planner:
     def plan(self) -> Plan:
         for seed in self.seeds:
             for row in self.selected:
-                self.plan_row(row, seed)
+                if seed == self.seeds[0] or not self.seed_rows or row.name in self.seed_rows:
+                    self.plan_row(row, seed)
         settings = {"table": self.table.name, "mode": self.mode, "steps": self.steps(),
                     "seeds": list(self.seeds), "ranks": self.ranks, "sample": self.sample_settings()}
         return Plan(self.table, self.mode, self.out, self.seeds, self.ranks, self.stages, settings, self.rows)
@@ -453,7 +455,8 @@ class Planner:
 
 
 def build_plan(table: Table, mode: str, out: str | os.PathLike, seeds: Sequence[int] = (0,), ranks: int = 1,
-               rows: Sequence[str] = (), steps: int = 0) -> Plan:
+               rows: Sequence[str] = (), steps: int = 0, seed_rows: Sequence[str] = ()) -> Plan:
     """Every stage of `table` at `mode` ("full", "digits" or "smoke") into the table dir `out`; `steps`
-    (> 0) replaces every row's training steps."""
-    return Planner(table, mode, Path(out), seeds, ranks, rows, steps).plan()
+    (> 0) replaces every row's training steps; with `seed_rows`, only those rows run every seed (the
+    spread) and the others the first seed alone."""
+    return Planner(table, mode, Path(out), seeds, ranks, rows, steps, seed_rows).plan()
