@@ -119,8 +119,6 @@ class ManifoldEstimator:
         row_batch_size: int = 10000,
         col_batch_size: int = 10000,
         nhood_sizes: Sequence[int] = (3,),
-        clamp_to_percentile: float | None = None,
-        eps: float = 1e-5,
         distances: DistanceFn = pairwise_sq_distances,
     ) -> None:
         if row_batch_size < 1 or col_batch_size < 1:
@@ -128,8 +126,6 @@ class ManifoldEstimator:
         self.row_batch_size = row_batch_size
         self.col_batch_size = col_batch_size
         self.nhood_sizes = list(nhood_sizes)
-        self.clamp_to_percentile = clamp_to_percentile
-        self.eps = eps
         self.distances = distances
 
     def _distance_rows(self, rows: np.ndarray, feats: np.ndarray) -> np.ndarray:
@@ -151,9 +147,6 @@ class ManifoldEstimator:
             end = min(begin + self.row_batch_size, num)
             dist = self._distance_rows(features[begin:end], features)
             radii[begin:end] = np.partition(dist, kth, axis=1)[:, self.nhood_sizes]
-        if self.clamp_to_percentile is not None:
-            limit = np.percentile(radii, self.clamp_to_percentile, axis=0)
-            radii[radii > limit] = 0
         return radii
 
     def evaluate_pr(
@@ -173,17 +166,6 @@ class ManifoldEstimator:
                 status_1[b1:e1] |= np.any(dist <= radii_2[None, b2:e2], axis=1)
                 status_2[b2:e2] |= np.any(dist <= radii_1[b1:e1, None], axis=0)
         return status_2.mean(axis=0, dtype=np.float64), status_1.mean(axis=0, dtype=np.float64)
-
-    def realism_scores(
-        self, features: np.ndarray, radii: np.ndarray, eval_features: np.ndarray
-    ) -> np.ndarray:
-        """Realism score of each eval point: max over reference points of radius / (distance + eps)."""
-        scores = np.zeros(len(eval_features), dtype=np.float32)
-        for begin in range(0, len(eval_features), self.row_batch_size):
-            end = min(begin + self.row_batch_size, len(eval_features))
-            dist = self._distance_rows(eval_features[begin:end], features)
-            scores[begin:end] = np.max(radii[None, :, 0] / (dist + self.eps), axis=1)
-        return scores
 
 
 def precision_recall(
