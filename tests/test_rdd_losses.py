@@ -60,3 +60,67 @@ def test_pixel_layout_option_enqueues_true_pixel_vectors():
     assert not torch.allclose(authors.teacher_pixel_queue[:8], expected)
     with pytest.raises(ValueError, match="queue_layout"):
         MemoryP2PLoss(queue_layout="rows")
+
+
+def _kl_rows(log_p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+    """sum over a row's entries of p_t (log p_t - log p_s), one value per row: the KL written out."""
+    return (p_t * (p_t.log() - log_p_s)).sum(-1)
+
+
+def test_intra_p2p_is_the_per_pixel_kl_over_each_partners_pixels_written_out():
+    g = torch.Generator().manual_seed(3)
+    feat_s, feat_t = torch.randn(2, 3, 2, 3, generator=g), torch.randn(2, 3, 2, 3, generator=g)
+    temperature, factor = 0.5, 3.0
+    def sims(f, b, d):  # cosine similarities, pixels of sample b against pixels of sample d, tempered
+        u = f[b].reshape(3, -1) / f[b].reshape(3, -1).norm(dim=0)
+        v = f[d].reshape(3, -1) / f[d].reshape(3, -1).norm(dim=0)
+        return (u.t() @ v) / temperature
+
+    rows = [_kl_rows(torch.log_softmax(sims(feat_s, b, d), 1), torch.softmax(sims(feat_t, b, d), 1))
+            for b in range(2) for d in range(2)]
+    expected = torch.cat(rows).sum() / (2 * 2 * 6) * factor
+    torch.testing.assert_close(intra_p2p(feat_s, feat_t, temperature, factor), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_rcfd_kl_tempers_the_teacher_only_by_0_9_unless_told():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    for temperature in (0.9, 2.0):
+        expected = _kl_rows(torch.log_softmax(s, 1), torch.softmax(t / temperature, 1)).mean()
+        torch.testing.assert_close(rcfd_kl(s, t, temperature), expected)
+    torch.testing.assert_close(rcfd_kl(s, t), rcfd_kl(s, t, 0.9))
+    with pytest.raises(ValueError, match=r"equal \[N, K\] inputs, got \(4, 5\) and \(4, 6\)"):
+        rcfd_kl(s, torch.zeros(4, 6))
+
+
+def test_memory_p2p_with_tau_factor_and_temperature_apart_from_one_written_out():
+    torch.manual_seed(5)
+    loss = MemoryP2PLoss(s_channels=3, t_channels=4, pixel_memory_size=10, pixel_contrast_size=5,
+                         contrast_kd_temperature=2.0, contrast_temperature=0.2, factor=0.3).eval()
+    s_feats, t_feats = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 2, 2)
+    perm = torch.arange(8).flip(0)
+    value = loss(s_feats, t_feats, perm=perm)
+    contrast = loss.teacher_pixel_queue[loss.sampled_indices]  # the queue after this call's enqueue
+
+    def logits(f):  # [B, HW, contrast rows]: per-pixel unit vectors against the contrast rows
+        pixels = torch.nn.functional.normalize(f, dim=1).reshape(2, 4, 4).transpose(1, 2)
+        return pixels @ contrast.t() / 0.2
+    with torch.no_grad():
+        s_logits, t_logits = logits(loss.project_head(s_feats)), logits(t_feats)
+    kl = _kl_rows(torch.log_softmax(s_logits / 2.0, 2), torch.softmax(t_logits / 2.0, 2)).sum() / 2 * 2.0**2
+    torch.testing.assert_close(value.detach(), kl / 4 * 0.3, rtol=1e-5, atol=1e-7)
+    assert loss.pixel_queue_ptr.dtype == torch.long and int(loss.pixel_queue_ptr[0]) == 8
+    torch.testing.assert_close(loss.teacher_pixel_queue.norm(dim=1), torch.ones(10))  # unit rows throughout
+
+
+def test_memory_p2p_defaults_are_the_authors():
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(MemoryP2PLoss).parameters.items()}
+    assert defaults == {"s_channels": 1920, "t_channels": 1920, "pixel_memory_size": 20000,
+                        "pixel_contrast_size": 4096, "contrast_kd_temperature": 1.0,
+                        "contrast_temperature": 0.1, "factor": 0.1, "update_per_step": 128,
+                        "queue_layout": "authors"}
+    head = MemoryP2PLoss(s_channels=2, t_channels=3, pixel_memory_size=4, pixel_contrast_size=2).project_head
+    assert [type(m).__name__ for m in head] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d"]
+    assert head[0].bias is None and head[3].bias is None and head[0].in_channels == 2

@@ -1,0 +1,111 @@
+"""Summarise a mutmut run per module: killed / survived / no tests / timeout, and every survivor by name.
+
+Reads the `<module>.py.meta` files mutmut writes beside its mutated copies (mutants/); the kill rate counts
+timeouts as killed (the mutant hung the tests) and "no tests" as survived (nothing exercised it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import sys
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+KILLED = {1: "killed", 3: "killed", 37: "killed",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
+SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+
+
+def status(code: int | None) -> str:
+    """mutmut's exit code of one mutant run as a word (mutmut.stats' mapping, timeouts apart)."""
+    if code is None:
+        return "not checked"
+    return KILLED.get(code) or SURVIVED.get(code) or "suspicious"
+
+
+def summarize(mutants_dir: Path) -> dict[str, dict]:
+    """Per source module: counts of each status and the surviving mutants' names."""
+    modules: dict[str, dict] = {}
+    for meta in sorted(mutants_dir.rglob("*.py.meta")):
+        module = meta.relative_to(mutants_dir).as_posix()[: -len(".meta")]
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        if not codes:
+            continue
+        counts = Counter(status(code) for code in codes.values())
+        killed = counts["killed"] + counts["timeout"]
+        checked = killed + counts["survived"] + counts["no tests"]
+        modules[module] = {
+            "counts": dict(counts), "total": len(codes), "killed": killed,
+            "rate": killed / checked if checked else None,
+            "survivors": sorted(k for k, c in codes.items() if status(c) in ("survived", "no tests")),
+        }
+    return modules
+
+
+def mutant_diffs(mutants_dir: Path, module: str) -> dict[str, str]:
+    """Each mutant of `module` as its changed lines (`- original` / `+ mutated`), read from mutmut's copy,
+    where every mutant is a function `<name>__mutmut_<n>` beside `<name>__mutmut_orig`."""
+    tree = ast.parse((mutants_dir / module).read_text())
+    functions = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            name, node.name = node.name, "f"  # the def lines then differ only where a mutant changed them
+            functions[name] = ast.unparse(node).splitlines()
+    prefix = module[: -len(".py")].replace("/", ".") + "."
+    out = {}
+    for name, body in functions.items():
+        base, _, number = name.rpartition("__mutmut_")
+        if not base or not number.isdigit() or base + "__mutmut_orig" not in functions:
+            continue
+        changed = [line for line in difflib.ndiff(functions[base + "__mutmut_orig"], body)
+                   if line[:2] in ("- ", "+ ")]
+        out[prefix + name] = " | ".join(line.strip() for line in changed)
+    return out
+
+
+def render(modules: dict[str, dict], diffs: dict[str, str] | None = None) -> str:
+    """The report as markdown: one table row per module, then each module's survivors."""
+    lines = [f"# Mutation report ({date.today().isoformat()}, `bash tools/mutants.sh`)", "",
+             "| module | mutants | killed | survived | no tests | not checked | kill rate |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for module, m in modules.items():
+        c = m["counts"]
+        rate = "n/a" if m["rate"] is None else f"{100 * m['rate']:.1f}%"
+        lines.append(f"| {module} | {m['total']} | {m['killed']} | {c.get('survived', 0)} | "
+                     f"{c.get('no tests', 0)} | {c.get('not checked', 0)} | {rate} |")
+    for module, m in modules.items():
+        if m["survivors"]:
+            lines += ["", f"## {module}: {len(m['survivors'])} survivors", ""]
+            lines += [f"- `{name}`" + (f": `{diffs[name]}`" if diffs and name in diffs else "")
+                      for name in m["survivors"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mutants", type=Path, help="mutmut's mutants/ folder")
+    p.add_argument("--out", type=Path, help="write the markdown report here (default: print it)")
+    p.add_argument("--diffs", action="store_true", help="show each survivor's changed lines")
+    args = p.parse_args(argv)
+    if not args.mutants.is_dir():
+        print(f"mutation_report.py: error: {args.mutants} is not a mutmut mutants/ folder", file=sys.stderr)
+        return 2
+    modules = summarize(args.mutants)
+    diffs = {}
+    if args.diffs:
+        for module, m in modules.items():
+            if m["survivors"]:
+                diffs.update(mutant_diffs(args.mutants, module))
+    text = render(modules, diffs)
+    if args.out:
+        args.out.write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
