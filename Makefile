@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint mutants
 
 install:
 	bash tools/install.sh
@@ -20,3 +20,8 @@ lint: install
 # 8.7 minutes instead of 13.7 there.
 test: lint
 	OMP_NUM_THREADS=1 PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -n 2 tests
+
+# Mutation testing of the core (mutmut; outside CI, it takes about an hour on 2 cores): report in
+# experiments/mutants/report.md, read in docs/TESTING.md. MUTANTS='evaluations.metrics*' narrows it.
+mutants: install
+	bash tools/mutants.sh $(MUTANTS)

@@ -17,6 +17,6 @@ setup(
         "rdd": ["timm"],  # the ImageNet classifier of RDD's relational losses
         "wandb": ["wandb"],  # --wandb logging
         "tf": ["tensorflow-cpu"],  # evaluator --features tf: ADM's TensorFlow graph and arithmetic
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "mutmut"],
     },
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,19 @@ import pytest
 import guided_diffusion.distill  # noqa: F401 (registers the methods' YAML sections, as every script does)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("MUTMUT_HITS_DIR"):  # mutation runs (tools/mutants.sh) only
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_teardown(item):
+        """Credit this test with the functions the scripts it started called (tools/mutmut_site), before
+        mutmut files the test's own calls."""
+        from mutmut.state import state
+
+        for hits in Path(os.environ["MUTMUT_HITS_DIR"]).glob("hits-*.txt"):
+            state()._stats.update(line for line in hits.read_text().split() if line)
+            hits.unlink()
+
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
 
 

@@ -50,7 +50,8 @@ def test_a_non_finite_sqrtm_is_retried_with_eps_on_both_diagonals(monkeypatch):
     assert record[0].filename == __file__  # stacklevel 2: the warning points at the caller
     eye = np.eye(3) * 1e-6
     np.testing.assert_allclose(calls[1], (s1 + eye) @ (s2 + eye), rtol=0, atol=0)
-    expected = 3 + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt((np.diag(s1) + 1e-6) * (np.diag(s2) + 1e-6)))
+    root = np.sqrt((np.diag(s1) + 1e-6) * (np.diag(s2) + 1e-6))
+    expected = 3 + np.trace(s1) + np.trace(s2) - 2 * np.sum(root)
     assert fid == pytest.approx(expected, rel=1e-12)
 
 
