@@ -13,6 +13,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 if os.environ.get("MUTMUT_HITS_DIR"):  # mutation runs (tools/mutants.sh) only
 
+    @pytest.fixture(autouse=True)
+    def _scripts_see_the_mutant_under_test():
+        """script_env.ENV copied os.environ when it was imported; the scripts a test starts must run the
+        mutant mutmut set for this test."""
+        import script_env
+
+        script_env.ENV["MUTANT_UNDER_TEST"] = os.environ.get("MUTANT_UNDER_TEST", "")
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_teardown(item):
         """Credit this test with the functions the scripts it started called (tools/mutmut_site), before
