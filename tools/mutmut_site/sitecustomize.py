@@ -28,3 +28,10 @@ if _root and os.environ.get("MUTANT_UNDER_TEST"):
                 f.write("\n".join(sorted(state()._stats)) + "\n")
 
         atexit.register(_dump)
+        _exit = os._exit
+
+        def _dump_then_exit(status: int) -> None:  # the scripts end with os._exit (run_setup.run_script)
+            _dump()
+            _exit(status)
+
+        os._exit = _dump_then_exit
