@@ -273,3 +273,46 @@ def test_classifier_features_save_load_and_relational_term(tmp_path):
     assert terms["logit"] > 0 and student_x0.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="classifier_path"):
         RelationalTerm(config, teacher, teacher, None)
+
+
+class _LabelledX0Model(_X0Model):
+    """_X0Model that records the class labels and the input it was called with."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        super().__init__(x0)
+        self.seen: list[tuple[torch.Tensor, object]] = []
+
+    def __call__(self, x, t, **kwargs):
+        self.seen.append((x.clone(), kwargs.get("y")))
+        return super().__call__(x, t, **kwargs)
+
+
+def test_losses_written_out_for_fixed_x0_networks_with_labels_and_given_noise():
+    """The logged mse and the loss (x0 student, truncated-SNR weight) against the two-step DDIM target, by
+    hand; the labels reach teacher and student, and the given noise makes z_t."""
+    teacher_diffusion, student_diffusion = _diffusion("ddim4", predict_xstart=True), _diffusion(
+        "ddim2", predict_xstart=True)
+    g = torch.Generator().manual_seed(0)
+    x_start, noise = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.randn(2, 3, 4, 4, generator=g)
+    teacher = _LabelledX0Model(torch.rand(2, 3, 4, 4, generator=g) - 0.5)
+    student = _LabelledX0Model(torch.rand(2, 3, 4, 4, generator=g) - 0.5)
+    distiller = StepDistiller(teacher, teacher_diffusion, student_diffusion,
+                              {"teacher_clip": False, "student_prediction": "x0", "loss_weighting": "auto"})
+    t, y = torch.tensor([1, 1]), torch.tensor([3, 5])
+    with torch.no_grad():
+        terms = distiller.losses(student, x_start, t, model_kwargs={"y": y}, noise=noise)
+    z_t = student_diffusion.q_sample(x_start, t, noise=noise)
+    assert torch.equal(student.seen[0][0], z_t)
+    assert all(torch.equal(labels, y) for _, labels in teacher.seen + student.seen)
+    j = distiller.plan[t]
+    z_mid = _ddim_step64(teacher_diffusion, z_t.double(), j, teacher.x0.double())
+    z_next = _ddim_step64(teacher_diffusion, z_mid, j - 1, teacher.x0.double())
+    a_t = torch.from_numpy(student_diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1)
+    a_next = torch.from_numpy(student_diffusion.alphas_cumprod_prev)[t].view(-1, 1, 1, 1)
+    # x~ : the x_0 whose one DDIM step from z_t lands on z_next
+    target = (z_next - (1 - a_next).sqrt() / (1 - a_t).sqrt() * z_t.double()) / (
+        a_next.sqrt() - (1 - a_next).sqrt() / (1 - a_t).sqrt() * a_t.sqrt())
+    mse = ((student.x0.double() - target) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(terms["mse"].double(), mse, rtol=1e-5, atol=1e-7)
+    snr = (a_t / (1 - a_t)).view(-1).clamp_min(1)
+    torch.testing.assert_close(terms["loss"].double(), snr * mse, rtol=1e-5, atol=1e-7)
