@@ -22,7 +22,7 @@ from guided_diffusion.distill.progressive import (
 )
 from guided_diffusion.distill.relational import RelationalTerm
 from guided_diffusion.distill.relational import defaults as relational_defaults
-from guided_diffusion.distill.targets import ddim_target, snr_weight
+from guided_diffusion.distill.targets import ddim_target, pred_xstart_from_output, snr_weight
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 torch.set_num_threads(1)
@@ -316,3 +316,28 @@ def test_losses_written_out_for_fixed_x0_networks_with_labels_and_given_noise():
     torch.testing.assert_close(terms["mse"].double(), mse, rtol=1e-5, atol=1e-7)
     snr = (a_t / (1 - a_t)).view(-1).clamp_min(1)
     torch.testing.assert_close(terms["loss"].double(), snr * mse, rtol=1e-5, atol=1e-7)
+
+
+def test_relational_term_on_a_dkdm_batch_compares_the_x0_of_the_students_and_the_pools_outputs():
+    """The classifier source on a pool batch: x_0 of the student's raw output (its diffusion) and of the
+    teacher's stored eps (the teacher's diffusion), then `compare` on them, student first."""
+    torch.manual_seed(0)
+    classifier = build_classifier("densenet121", 3, 16, TINY_CLASSIFIER).eval()
+    teacher, _ = _tiny_unet(1)
+    teacher_diffusion, student_diffusion = _diffusion(""), _diffusion("", predict_xstart=True)
+    config = {**relational_defaults(), "feature_source": "classifier", "memory_factor": 0.0}
+    rel = RelationalTerm(config, teacher, teacher, classifier, teacher_diffusion=teacher_diffusion,
+                         student_diffusion=student_diffusion)
+    g = torch.Generator().manual_seed(1)
+    x_t, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([2, 9])
+    batch = {"x_t": x_t, "t": t, "model_kwargs": {},
+             "student_output": torch.randn(2, 6, 16, 16, generator=g),
+             "teacher_out": {"model_output": torch.randn(2, 3, 16, 16, generator=g)}}
+    with torch.no_grad():
+        terms = rel(None, batch)
+        student_x0 = pred_xstart_from_output(student_diffusion, x_t, t, batch["student_output"])
+        teacher_x0 = pred_xstart_from_output(teacher_diffusion, x_t, t, batch["teacher_out"]["model_output"])
+        direct = rel.compare(student_x0=student_x0, teacher_x0=teacher_x0)
+        swapped = rel.compare(student_x0=teacher_x0, teacher_x0=student_x0)
+    assert terms["loss"] > 0 and torch.equal(terms["loss"], direct["loss"])
+    assert not torch.equal(terms["loss"], swapped["loss"])
