@@ -51,3 +51,21 @@ def test_input_perturbation_moves_the_students_input_by_its_noise_scale():
     noise = torch.randn_like(batch["x_t"])
     scale = torch.as_tensor(diffusion.sqrt_one_minus_alphas_cumprod, dtype=torch.float32)[batch["t"]]
     torch.testing.assert_close(student.calls[0][0], batch["x_t"] + scale.view(-1, 1, 1, 1) * 0.1 * noise)
+
+
+def test_the_student_x0_is_not_clipped_in_the_vb_term_unless_asked():
+    diffusion = create_gaussian_diffusion(steps=10, noise_schedule="cosine", learn_sigma=True)
+    batch = _batch()
+    batch["x_t"] = batch["x_t"] * 4  # the student's x_0 leaves [-1, 1], where clipping changes the vb term
+
+    def student(x, t, **kwargs):
+        return torch.cat([x * 0.5, torch.zeros_like(x)], dim=1)
+
+    def kd(clip):
+        return diffusion.training_losses_kd(student, None, batch["x_t"], batch["t"], batch["teacher_out"],
+                                            model_kwargs=batch["model_kwargs"], clip_denoised=clip)["vb"]
+
+    default = DKDMObjective(diffusion)(student, dict(batch))["vb"]
+    assert torch.equal(default, kd(False)) and not torch.allclose(default, kd(True))
+    clipped = DKDMObjective(diffusion, student_clip_denoised=True)(student, dict(batch))["vb"]
+    torch.testing.assert_close(clipped, kd(True))
