@@ -121,6 +121,11 @@ def test_memory_p2p_defaults_are_the_authors():
                         "pixel_contrast_size": 4096, "contrast_kd_temperature": 1.0,
                         "contrast_temperature": 0.1, "factor": 0.1, "update_per_step": 128,
                         "queue_layout": "authors"}
-    head = MemoryP2PLoss(s_channels=2, t_channels=3, pixel_memory_size=4, pixel_contrast_size=2).project_head
+    loss = MemoryP2PLoss()  # the defaults as constructed (a signature check alone reads the declared ones)
+    head = loss.project_head
     assert [type(m).__name__ for m in head] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d"]
-    assert head[0].bias is None and head[3].bias is None and head[0].in_channels == 2
+    assert head[0].bias is None and head[3].bias is None
+    assert (head[0].in_channels, head[0].out_channels, head[3].out_channels) == (1920, 1920, 1920)
+    assert loss.teacher_pixel_queue.shape == (20000, 1920) and loss.sampled_indices.shape == (4096,)
+    assert (loss.contrast_kd_temperature, loss.contrast_temperature, loss.factor, loss.update_per_step,
+            loss.queue_layout) == (1.0, 0.1, 0.1, 128, "authors")
