@@ -341,3 +341,42 @@ def test_relational_term_on_a_dkdm_batch_compares_the_x0_of_the_students_and_the
         swapped = rel.compare(student_x0=teacher_x0, teacher_x0=student_x0)
     assert terms["loss"] > 0 and torch.equal(terms["loss"], direct["loss"])
     assert not torch.equal(terms["loss"], swapped["loss"])
+
+
+def test_stage_overrides_point_the_stage_at_its_teacher_and_halve_the_grid():
+    from omegaconf import OmegaConf
+
+    from guided_diffusion.distill.progressive import apply_stage_overrides
+
+    def cfg():
+        return OmegaConf.create({"teacher": {"model_path": "t0.pt", "diffusion_steps": 1000,
+                                             "timestep_respacing": ""},
+                                 "student": {"model_path": "s0.pt", "diffusion_steps": 1000,
+                                             "timestep_respacing": ""}})
+
+    staged = cfg()
+    apply_stage_overrides(staged, teacher_path="stage1.pt", teacher_steps=8)
+    assert (staged.teacher.model_path, staged.student.model_path) == ("stage1.pt", "")
+    grids = (staged.teacher.timestep_respacing, staged.student.timestep_respacing)
+    assert grids == ("trailing8", "trailing4")
+    lowest = cfg()
+    apply_stage_overrides(lowest, teacher_steps=2)  # the last stage, 2 -> 1
+    assert lowest.student.timestep_respacing == "trailing1" and lowest.teacher.model_path == "t0.pt"
+    for bad in (3, 1):
+        with pytest.raises(ValueError, match=f"--teacher_steps must be an even number >= 2, got {bad}"):
+            apply_stage_overrides(cfg(), teacher_steps=bad)
+
+
+def test_a_resumed_stage_must_have_been_distilled_against_the_same_teacher_grid():
+    from types import SimpleNamespace
+
+    from guided_diffusion.distill.progressive import StepDistillLoop
+
+    plan = teacher_step_plan(_diffusion("trailing8", 1000), _diffusion("trailing4", 1000))
+    loop = SimpleNamespace(distiller=SimpleNamespace(plan=plan))
+    state = StepDistillLoop.extra_state(loop)
+    assert state == {"teacher_plan": loop.distiller.plan.tolist()} and loop.distiller.plan.dtype == torch.long
+    StepDistillLoop.load_extra_state(loop, state)
+    StepDistillLoop.load_extra_state(loop, {})  # a run saved before the plan was recorded
+    with pytest.raises(ValueError, match=r"resumed run used teacher grid indices \[0, 2, 4, 6\], this one"):
+        StepDistillLoop.load_extra_state(loop, {"teacher_plan": [0, 2, 4, 6]})
