@@ -380,3 +380,33 @@ def test_a_resumed_stage_must_have_been_distilled_against_the_same_teacher_grid(
     StepDistillLoop.load_extra_state(loop, {})  # a run saved before the plan was recorded
     with pytest.raises(ValueError, match=r"resumed run used teacher grid indices \[0, 2, 4, 6\], this one"):
         StepDistillLoop.load_extra_state(loop, {"teacher_plan": [0, 2, 4, 6]})
+
+
+def test_plans_read_a_plain_chain_and_refuse_another_schedule_or_head():
+    from guided_diffusion import gaussian_diffusion as gd
+    from guided_diffusion.distill.progressive import StepDistillLoop
+
+    base = _diffusion("")
+    plain = gd.GaussianDiffusion(betas=base.betas, model_mean_type=base.model_mean_type,
+                                 model_var_type=base.model_var_type, loss_type=base.loss_type)
+    assert teacher_step_plan(plain, _diffusion("ddim10")).tolist() == teacher_step_plan(
+        _diffusion(""), _diffusion("ddim10")).tolist()  # no timestep_map: every step of the chain
+    from guided_diffusion.respace import SpacedDiffusion
+
+    other = SpacedDiffusion(use_timesteps=set(range(0, 20, 2)), betas=base.betas * 0.5,
+                            model_mean_type=base.model_mean_type, model_var_type=base.model_var_type,
+                            loss_type=base.loss_type)  # nests on the grid, another schedule
+    with pytest.raises(ValueError, match="teacher and student use different noise schedules at the same"):
+        teacher_step_plan(base, other)
+    odd = _diffusion("")
+    odd.model_mean_type = gd.ModelMeanType.PREVIOUS_X
+    for pair in ((odd, _diffusion("")), (_diffusion(""), odd)):
+        with pytest.raises(ValueError, match=r"must predict eps or x0 \(predict_xstart\)"):
+            check_same_head(*pair)
+    with pytest.raises(ValueError, match="head predicts eps but its predict_xstart reads it as x0"):
+        check_same_head(_diffusion(""), _diffusion("", predict_xstart=True))
+    head = torch.nn.Linear(1, 1)
+    from types import SimpleNamespace
+
+    assert StepDistillLoop.extra_params(SimpleNamespace(relational=head)) == {"relational": head}
+    assert StepDistillLoop.extra_params(SimpleNamespace(relational=None)) == {}
