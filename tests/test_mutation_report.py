@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import mutation_report  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location(
+    "mutation_report", Path(__file__).resolve().parents[1] / "tools" / "mutation_report.py")
+mutation_report = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(mutation_report)
 
 MUTATED = '''
 def x_f__mutmut_orig(a):
