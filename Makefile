@@ -21,7 +21,7 @@ lint: install
 test: lint
 	OMP_NUM_THREADS=1 PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -n 2 tests
 
-# Mutation testing of the core (mutmut; outside CI, it takes about an hour on 2 cores): report in
+# Mutation testing of the core (mutmut; outside CI, it takes hours on 2 cores): report in
 # experiments/mutants/report.md, read in docs/TESTING.md. MUTANTS='evaluations.metrics*' narrows it.
 mutants: install
 	bash tools/mutants.sh $(MUTANTS)

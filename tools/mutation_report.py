@@ -1,7 +1,8 @@
 """Summarise a mutmut run per module: killed / survived / no tests / timeout, and every survivor by name.
 
-Reads the `<module>.py.meta` files mutmut writes beside its mutated copies (mutants/); the kill rate counts
-timeouts as killed (the mutant hung the tests) and "no tests" as survived (nothing exercised it). With
+Reads the `<module>.py.meta` files mutmut writes beside its mutated copies (mutants/), naming each exit code
+with mutmut's own table; the kill rate counts timeouts as killed (the mutant hung the tests) and "no tests"
+as survived (nothing exercised it). With
 `--equivalent FILE` (lines `mutant-name<TAB>reason`), listed survivors count as equivalent: out of the kill
 rate's denominator and out of the survivors still to account for.
 """
@@ -17,16 +18,15 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
-KILLED = {1: "killed", 3: "killed", 37: "killed",
-          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
-SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+from mutmut.stats import status_by_exit_code
+
+KILLED = ("killed", "timeout", "caught by type check")  # statuses the kill rate counts as killed
+SURVIVED = ("survived", "no tests")
 
 
 def status(code: int | None) -> str:
-    """mutmut's exit code of one mutant run as a word (mutmut.stats' mapping, timeouts apart)."""
-    if code is None:
-        return "not checked"
-    return KILLED.get(code) or SURVIVED.get(code) or "suspicious"
+    """mutmut's exit code of one mutant run as mutmut's own word for it."""
+    return status_by_exit_code[code]
 
 
 def read_equivalent(path: Path | None) -> dict[str, str]:
@@ -54,15 +54,15 @@ def summarize(mutants_dir: Path, equivalent: dict[str, str] | None = None) -> di
         if not codes:
             continue
         words = {k: status(c) for k, c in codes.items()}
-        listed = {k for k, w in words.items() if k in equivalent and w in SURVIVED.values()}
+        listed = {k for k, w in words.items() if k in equivalent and w in SURVIVED}
         words.update(dict.fromkeys(listed, "equivalent"))
         counts = Counter(words.values())
-        killed = counts["killed"] + counts["timeout"]
-        checked = killed + counts["survived"] + counts["no tests"]
+        killed = sum(counts[w] for w in KILLED)
+        checked = killed + sum(counts[w] for w in SURVIVED)
         modules[module] = {
             "counts": dict(counts), "total": len(codes), "killed": killed,
             "rate": killed / checked if checked else None,
-            "survivors": sorted(k for k, w in words.items() if w in ("survived", "no tests")),
+            "survivors": sorted(k for k, w in words.items() if w in SURVIVED),
         }
     return modules
 
