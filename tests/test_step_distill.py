@@ -2,10 +2,13 @@
 loss, the relational term (unet and classifier sources) and the classifier utilities."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.config import load_config, model_and_diffusion_kwargs
 from guided_diffusion.distill.classifier import (
     build_classifier,
@@ -16,6 +19,8 @@ from guided_diffusion.distill.classifier import (
 )
 from guided_diffusion.distill.progressive import (
     StepDistiller,
+    StepDistillLoop,
+    apply_stage_overrides,
     check_same_head,
     resolve_step_distill_config,
     teacher_step_plan,
@@ -23,6 +28,7 @@ from guided_diffusion.distill.progressive import (
 from guided_diffusion.distill.relational import RelationalTerm
 from guided_diffusion.distill.relational import defaults as relational_defaults
 from guided_diffusion.distill.targets import ddim_target, pred_xstart_from_output, snr_weight
+from guided_diffusion.respace import SpacedDiffusion
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 torch.set_num_threads(1)
@@ -344,10 +350,6 @@ def test_relational_term_on_a_dkdm_batch_compares_the_x0_of_the_students_and_the
 
 
 def test_stage_overrides_point_the_stage_at_its_teacher_and_halve_the_grid():
-    from omegaconf import OmegaConf
-
-    from guided_diffusion.distill.progressive import apply_stage_overrides
-
     def cfg():
         return OmegaConf.create({"teacher": {"model_path": "t0.pt", "diffusion_steps": 1000,
                                              "timestep_respacing": ""},
@@ -367,11 +369,10 @@ def test_stage_overrides_point_the_stage_at_its_teacher_and_halve_the_grid():
             apply_stage_overrides(cfg(), teacher_steps=bad)
 
 
-def test_a_resumed_stage_must_have_been_distilled_against_the_same_teacher_grid():
-    from types import SimpleNamespace
-
-    from guided_diffusion.distill.progressive import StepDistillLoop
-
+def test_loop_state_hooks_keep_the_relational_head_and_refuse_another_teacher_grid_on_resume():
+    head = torch.nn.Linear(1, 1)
+    assert StepDistillLoop.extra_params(SimpleNamespace(relational=head)) == {"relational": head}
+    assert StepDistillLoop.extra_params(SimpleNamespace(relational=None)) == {}
     plan = teacher_step_plan(_diffusion("trailing8", 1000), _diffusion("trailing4", 1000))
     loop = SimpleNamespace(distiller=SimpleNamespace(plan=plan))
     state = StepDistillLoop.extra_state(loop)
@@ -383,16 +384,11 @@ def test_a_resumed_stage_must_have_been_distilled_against_the_same_teacher_grid(
 
 
 def test_plans_read_a_plain_chain_and_refuse_another_schedule_or_head():
-    from guided_diffusion import gaussian_diffusion as gd
-    from guided_diffusion.distill.progressive import StepDistillLoop
-
     base = _diffusion("")
     plain = gd.GaussianDiffusion(betas=base.betas, model_mean_type=base.model_mean_type,
                                  model_var_type=base.model_var_type, loss_type=base.loss_type)
     assert teacher_step_plan(plain, _diffusion("ddim10")).tolist() == teacher_step_plan(
         _diffusion(""), _diffusion("ddim10")).tolist()  # no timestep_map: every step of the chain
-    from guided_diffusion.respace import SpacedDiffusion
-
     other = SpacedDiffusion(use_timesteps=set(range(0, 20, 2)), betas=base.betas * 0.5,
                             model_mean_type=base.model_mean_type, model_var_type=base.model_var_type,
                             loss_type=base.loss_type)  # nests on the grid, another schedule
@@ -405,8 +401,3 @@ def test_plans_read_a_plain_chain_and_refuse_another_schedule_or_head():
             check_same_head(*pair)
     with pytest.raises(ValueError, match="head predicts eps but its predict_xstart reads it as x0"):
         check_same_head(_diffusion(""), _diffusion("", predict_xstart=True))
-    head = torch.nn.Linear(1, 1)
-    from types import SimpleNamespace
-
-    assert StepDistillLoop.extra_params(SimpleNamespace(relational=head)) == {"relational": head}
-    assert StepDistillLoop.extra_params(SimpleNamespace(relational=None)) == {}
